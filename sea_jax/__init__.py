@@ -1,0 +1,1 @@
+"""sea_jax: SEA (Supervised Embedding Alignment) for multimodal LLMs in JAX/Flax."""

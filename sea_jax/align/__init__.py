@@ -1,0 +1,1 @@
+"""SEA alignment: semantic labels, pair sampling and the contrastive loss."""

@@ -1,0 +1,1 @@
+"""Checkpoint converters (Hugging Face, big_vision), one bidirectional mapping per family."""

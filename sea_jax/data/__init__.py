@@ -1,0 +1,1 @@
+"""Data: LLaVA-format records, templates, image preprocessing and the Grain pipeline."""

@@ -1,0 +1,1 @@
+"""Model families: SigLIP towers, decoder LLMs, the adapter and the multimodal wrapper."""
