@@ -1,0 +1,656 @@
+r"""Offline semantic labelling of a whole dataset (SEA, paper Eq. 4-6), on every host of a pod.
+
+    python -m sea_jax.labels --config=configs/labels_so400m.py --workdir=/path/run \
+        [--config.labels.top_n=10 --config.data.json=... ...]
+
+Every process labels its own slice of the dataset with the devices it owns (labelling is
+embarrassingly parallel: no cross-host collective is needed, so a slow or preempted host never
+stalls the others), writes shards, and the run that finds every shard complete writes the index and
+the summary.
+
+Config fields read (``ml_collections.ConfigDict``, overridable as ``--config.a.b=value``):
+
+``config.siglip``
+  ``checkpoint``  a HF ``SiglipModel`` folder (config.json + safetensors) or a big_vision ``.npz``.
+  ``variant``     for ``.npz`` only: the architecture, e.g. ``"So400m/14"`` (a HF folder has its
+                  config.json).
+  ``tokenizer``   a HF tokenizer folder, or a SentencePiece ``.model`` file (read with
+                  ``transformers.SiglipTokenizer``: SigLIP's lowercasing and punctuation stripping);
+                  ``""`` = the checkpoint folder.
+  ``dtype``       compute dtype of the towers, ``"float32"`` (default) or ``"bfloat16"`` (TPU).
+  ``overrides``   dict of further ``SigLIPConfig`` fields, e.g. ``{"scan": True}`` (optional; with a
+                  locked config, fields must exist in the config file to be set from the command line).
+``config.labels``
+  ``word_list``   ``"default"`` (wordfreq, :func:`sea_jax.align.labels.default_word_list`) or the
+                  path of a one-word-per-line file such as 12dicts' ``2of12.txt``.
+  ``default_size`` words in the default list (40000).
+  ``prompt``      template a word is embedded in, ``"{}"`` = the bare word (paper: T = h(W)).
+  ``top_n``       labels per patch (10).
+  ``negate_similarity`` rank by -cos (paper Eq. 6 / CLIP Surgery); False for SigLIP.
+  ``feature``     ``"map_head"`` (each patch through the MAP head, joint space) or ``"raw"``.
+  ``batch_size``  images per device step on each host; a multiple of the host's batch shards.
+  ``text_batch_size`` words per text-tower call while embedding the list (256; rounded up to a
+                  multiple of the host's batch shards, over which the words are split).
+  ``shard_size``  images per output shard (K; 1024).
+  ``output_dir``  where shards go; ``""`` = ``<workdir>/labels`` (set it to sit next to the data).
+  ``cache_dir``   word-table cache; ``""`` = ``<workdir>/word_table_cache``.
+  ``mesh``        per-host mesh, e.g. ``{"data": -1}`` (default) or ``{"data": -1, "tensor": 2}``.
+  ``word_axes``   mesh axes splitting the word table (``"tensor"``; ``""`` = replicated).
+  ``chunk_size``  scan the word table in chunks of this many words (0 = all at once).
+  ``matmul_precision`` ``"highest"`` (default), ``"high"`` or ``"default"`` for the similarity.
+  ``num_workers`` image-decoding threads per host (8).
+  ``max_shards``  stop after writing this many shards in this run (0 = no limit): lets time-boxed
+                  or preemptible jobs make progress in steps; a later run resumes.
+  ``process_index``, ``process_count``  -1 = from JAX; set them to run hosts as independent jobs.
+``config.data``
+  ``json``        LLaVA-format JSON: ``[{"id": ..., "image": "rel/path.jpg", "conversations": ...}]``.
+  ``image_root``  folder the ``image`` paths are relative to.
+  ``image_size``  pixels per side (0 = the checkpoint's).
+  ``pad_to_square`` pad with the mean colour before resizing (LLaVA stage 2 style).
+
+Outputs, under ``output_dir``:
+
+* ``meta.json`` -- what produced the labels (word list digest, n, sign, feature, image size,
+  checkpoint identity, shard layout); a rerun with a different setting refuses to mix shards.
+* ``words.txt`` -- the word list; a word id is a line index.
+* ``shard-SSSSS-of-NNNNN.npz`` -- shard s holds unique images [s*K, (s+1)*K) in first-appearance
+  order of the JSON. Arrays: ``ids`` int32 [k, p, n] (-1 where the label was dropped, score <= 0),
+  ``scores`` float16 [k, p, n] (the ranking similarity, see ``sea_jax.align.labels``), ``image``
+  [k] relative paths, ``image_index`` int64 [k], ``bad_image`` / ``bad_reason`` (images skipped),
+  and statistics for the summary (``word_counts`` [W], ``word_score_sum`` [W], ``score_hist``).
+  Written to a temp name, fsynced, then renamed: a shard file that exists is complete, so a killed
+  run is resumed by running the same command again (completed shards are skipped).
+* ``index.json`` -- ``{"shards": [...], "images": {path: [shard, row]}, "samples": {id: [shard, row]}}``.
+* ``summary.json`` and ``summary.png`` -- word-list utilisation (share of words used as a label at
+  least once; the paper reports 61.2% for 2of12 on LLaVA-Pretrain), the distribution of kept scores
+  and of each used word's mean score (the paper's Figure 6), counts of records without an image and
+  of unreadable images (with their sample ids).
+
+Records without an image are skipped and counted; an image that cannot be decoded is skipped,
+logged with its sample ids and counted -- neither stops the run. (Its shard still counts as complete:
+after fixing such a file, delete that shard and rerun to label it.)
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from sea_jax.data import images as image_lib
+
+SCORE_BINS = 200  # histogram of kept scores over (0, 1]: 0.005-wide bins
+META_KEYS = (
+    "words_sha256", "num_words", "top_n", "negate_similarity", "feature", "prompt", "image_size",
+    "pad_to_square", "checkpoint_id", "tokenizer_id", "shard_size", "num_images", "num_shards",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+def default_config():
+    """A ``ConfigDict`` with every field this CLI reads, at its default (see the module docstring).
+
+    ``siglip.checkpoint`` and ``data.json`` / ``data.image_root`` must be set; project configs can
+    start from this and override.
+    """
+    import ml_collections
+
+    c = ml_collections.ConfigDict()
+    c.siglip = ml_collections.ConfigDict(
+        {"checkpoint": "", "variant": "", "tokenizer": "", "dtype": "float32",
+         "overrides": ml_collections.ConfigDict()}
+    )
+    c.labels = ml_collections.ConfigDict({
+        "word_list": "default", "default_size": 40_000, "prompt": "{}", "top_n": 10,
+        "negate_similarity": False, "feature": "map_head", "batch_size": 32, "text_batch_size": 256,
+        "shard_size": 1024, "output_dir": "", "cache_dir": "", "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+        "word_axes": "tensor", "chunk_size": 0, "matmul_precision": "highest", "num_workers": 8,
+        "max_shards": 0, "process_index": -1, "process_count": -1,
+    })
+    c.data = ml_collections.ConfigDict({"json": "", "image_root": "", "image_size": 0, "pad_to_square": False})
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset records
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Unique images of a LLaVA JSON, in first-appearance order, and who uses them.
+
+    Attributes:
+      images: relative image paths, each once (labels depend on the image only, so an image
+        shared by several records is labelled once).
+      samples: (sample id, image position) for every record with an image, in JSON order.
+      num_records: records in the JSON.
+      no_image: records without an image (text-only), skipped.
+      duplicate_ids: sample ids seen more than once (the index keeps the last).
+    """
+
+    images: list[str]
+    samples: list[tuple[str, int]]
+    num_records: int
+    no_image: int
+    duplicate_ids: int
+
+
+def read_llava_json(path: str) -> Dataset:
+    """Parses a LLaVA-format JSON list. A record's ``image`` must be a non-empty string or absent."""
+    with open(path, encoding="utf-8") as f:
+        records = json.load(f)
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    position: dict[str, int] = {}
+    images: list[str] = []
+    samples: list[tuple[str, int]] = []
+    seen_ids: set[str] = set()
+    no_image = duplicates = 0
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: record {i} is not an object")
+        sid = str(rec.get("id", i))
+        image = rec.get("image")
+        if image is None or image == "":
+            no_image += 1
+            continue
+        if not isinstance(image, str):
+            raise ValueError(f"{path}: record {i} (id {sid!r}): 'image' must be a string, got {image!r}")
+        if image not in position:
+            position[image] = len(images)
+            images.append(image)
+        if sid in seen_ids:
+            duplicates += 1
+        seen_ids.add(sid)
+        samples.append((sid, position[image]))
+    return Dataset(images, samples, len(records), no_image, duplicates)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards
+
+
+def shard_name(s: int, num_shards: int) -> str:
+    return f"shard-{s:05d}-of-{num_shards:05d}.npz"
+
+
+def shard_path(out_dir: str, s: int, num_shards: int) -> str:
+    return os.path.join(out_dir, shard_name(s, num_shards))
+
+
+def _remove_stale_temps(out_dir: str, shards: Sequence[int], num_shards: int) -> int:
+    """Deletes leftover temp files of ``shards`` (a killed writer's), returns how many."""
+    prefixes = tuple(shard_name(s, num_shards) + ".tmp-" for s in shards)
+    removed = 0
+    for name in os.listdir(out_dir):
+        if name.startswith(prefixes):
+            os.remove(os.path.join(out_dir, name))
+            removed += 1
+    return removed
+
+
+def _write_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
+    from sea_jax.align.labels import atomic_write
+
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    from sea_jax.align.labels import atomic_write
+
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def shard_statistics(ids: np.ndarray, scores: np.ndarray, num_words: int) -> dict[str, np.ndarray]:
+    """Per-word usage counts and score sums, and the kept-score histogram of one shard's labels."""
+    keep = ids >= 0
+    kept_ids = ids[keep].astype(np.int64)
+    kept_scores = scores[keep].astype(np.float64)
+    return {
+        "word_counts": np.bincount(kept_ids, minlength=num_words).astype(np.int64),
+        "word_score_sum": np.bincount(kept_ids, weights=kept_scores, minlength=num_words),
+        "score_hist": np.histogram(kept_scores, bins=SCORE_BINS, range=(0.0, 1.0))[0].astype(np.int64),
+        "num_entries": np.int64(ids.size),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, tokenizer, word table
+
+
+def _precision(name: str):
+    import jax
+
+    table = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH,
+             "default": jax.lax.Precision.DEFAULT}
+    if name not in table:
+        raise ValueError(f"labels.matmul_precision must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+def _get(cfg, name: str, default: Any) -> Any:
+    """``cfg.name`` if the (ConfigDict) field exists, else ``default``: optional fields."""
+    return cfg[name] if name in cfg else default
+
+
+def load_siglip(siglip_cfg, mesh, image_size: int):
+    """(SigLIPConfig, params) from ``siglip_cfg.checkpoint`` (HF folder or big_vision .npz)."""
+    from sea_jax.convert import big_vision, hf_siglip
+    from sea_jax.models import siglip
+
+    ckpt = siglip_cfg.checkpoint
+    overrides = dict(_get(siglip_cfg, "overrides", {}) or {})
+    if _get(siglip_cfg, "dtype", ""):
+        overrides["dtype"] = siglip_cfg.dtype
+    if image_size:
+        overrides["image_size"] = int(image_size)
+    if os.path.isdir(ckpt):
+        return hf_siglip.load_hf_siglip(ckpt, mesh, **overrides)
+    if ckpt.endswith(".npz"):
+        variant = _get(siglip_cfg, "variant", "")
+        if not variant:
+            raise ValueError("config.siglip.variant (e.g. 'So400m/14') is required for a big_vision .npz")
+        cfg = siglip.siglip_config(variant, **overrides)
+        return cfg, big_vision.load_big_vision(ckpt, cfg, mesh)
+    raise FileNotFoundError(f"config.siglip.checkpoint {ckpt!r} is neither a HF folder nor a .npz file")
+
+
+def load_tokenizer(siglip_cfg):
+    """A ``transformers`` tokenizer and the path it came from."""
+    path = _get(siglip_cfg, "tokenizer", "") or siglip_cfg.checkpoint
+    if os.path.isdir(path):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path), path
+    if path.endswith(".model") and os.path.isfile(path):
+        from transformers import SiglipTokenizer
+
+        return SiglipTokenizer(vocab_file=path), path
+    raise FileNotFoundError(
+        f"tokenizer {path!r}: expected a HF tokenizer folder or a SentencePiece .model file "
+        "(set config.siglip.tokenizer)"
+    )
+
+
+def _tokenizer_identity(path: str, max_length: int, prompt: str) -> str:
+    from sea_jax.align import labels as L
+
+    if os.path.isdir(path):
+        # only the tokenizer's own files: the weights in the same folder are the checkpoint id
+        names = sorted(n for n in os.listdir(path) if not n.endswith((".safetensors", ".bin", ".npz")))
+        parts = [f"{n}:{L.file_identity(os.path.join(path, n))}" for n in names
+                 if os.path.isfile(os.path.join(path, n)) and n != "config.json"]
+    else:
+        parts = [L.file_identity(path)]
+    return json.dumps({"files": parts, "max_length": max_length, "prompt": prompt})
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def _batches(items: list[tuple[int, str]], batch_size: int, load, pool) -> Iterator[list]:
+    """Yields lists of (image position, result) per ``batch_size`` items, loading two batches ahead
+    in ``pool`` so decoding overlaps the device step; memory stays bounded at three batches."""
+    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    pending: collections.deque = collections.deque()
+    it = iter(chunks)
+
+    def submit():
+        chunk = next(it, None)
+        if chunk is not None:
+            pending.append([(pos, pool.submit(load, path)) for pos, path in chunk])
+
+    for _ in range(3):
+        submit()
+    while pending:
+        chunk = pending.popleft()
+        submit()
+        yield [(pos, fut.result()) for pos, fut in chunk]
+
+
+def _load_safe(path: str, size: int, pad: bool):
+    try:
+        return image_lib.load_and_preprocess(path, size, pad_to_square=pad)
+    except image_lib.ImageLoadError as e:
+        return e
+
+
+def label_dataset(config, workdir: str) -> dict | None:
+    """Labels every image of ``config.data.json`` this process owns; returns the summary if this
+    run completed the dataset (and wrote index + summary), else None."""
+    import jax
+
+    from sea_jax import sharding
+    from sea_jax.align import labels as L
+
+    lc, dc = config.labels, config.data
+    missing = [name for name, value in (("siglip.checkpoint", config.siglip.checkpoint),
+                                        ("data.json", dc.json), ("data.image_root", dc.image_root))
+               if not value]
+    if missing:
+        raise ValueError(f"set {', '.join('config.' + m for m in missing)} (e.g. --config.{missing[0]}=...)")
+    out_dir = lc.output_dir or os.path.join(workdir, "labels")
+    cache_dir = lc.cache_dir or os.path.join(workdir, "word_table_cache")
+    os.makedirs(out_dir, exist_ok=True)
+    pi = lc.process_index if lc.process_index >= 0 else jax.process_index()
+    pc = lc.process_count if lc.process_count > 0 else jax.process_count()
+    if not 0 <= pi < pc:
+        raise ValueError(f"process_index {pi} outside [0, {pc})")
+
+    data = read_llava_json(dc.json)
+    words = L.resolve_word_list(lc.word_list, lc.default_size)
+    shard_size = int(lc.shard_size)
+    num_shards = max(1, math.ceil(len(data.images) / shard_size))
+    mine = list(range(pi, num_shards, pc))
+    logging.info(
+        "process %d/%d: %d records (%d without image, skipped), %d unique images in %d shards of %d; "
+        "%d shards are this process's", pi, pc, data.num_records, data.no_image, len(data.images),
+        num_shards, shard_size, len(mine),
+    )
+    removed = _remove_stale_temps(out_dir, mine, num_shards)
+    if removed:
+        logging.info("removed %d temp files left by an interrupted run", removed)
+    pending = [s for s in mine if not os.path.exists(shard_path(out_dir, s, num_shards))]
+    if len(pending) < len(mine):
+        logging.info("resuming: %d of this process's %d shards already complete, skipped",
+                     len(mine) - len(pending), len(mine))
+    if lc.max_shards > 0:
+        pending = pending[: lc.max_shards]
+
+    meta = {
+        "words_sha256": L.words_digest(words), "num_words": len(words), "top_n": int(lc.top_n),
+        "negate_similarity": bool(lc.negate_similarity), "feature": lc.feature, "prompt": lc.prompt,
+        "pad_to_square": bool(dc.pad_to_square), "shard_size": shard_size,
+        "num_images": len(data.images), "num_shards": num_shards,
+        "checkpoint_id": L.file_identity(config.siglip.checkpoint),
+    }
+    if dc.image_size:
+        meta["image_size"] = int(dc.image_size)
+    if lc.feature not in L.FEATURES:
+        raise ValueError(f"labels.feature must be one of {sorted(L.FEATURES)}, got {lc.feature!r}")
+
+    if pending:
+        mesh = sharding.make_mesh(dict(lc.mesh), jax.local_devices())
+        cfg, params = load_siglip(config.siglip, mesh, dc.image_size)
+        tokenizer, tok_path = load_tokenizer(config.siglip)
+        meta.update(image_size=cfg.image_size, tokenizer_id=_tokenizer_identity(tok_path, cfg.text_len, lc.prompt))
+    elif not _read_meta(out_dir):
+        raise FileNotFoundError(f"{out_dir}: shards exist but meta.json is missing; delete the shards to relabel")
+    # With nothing left to label the model is not loaded: the settings known without it are checked.
+    _check_or_write_meta(out_dir, meta)
+    _write_words(out_dir, words)
+
+    if pending:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from sea_jax.models import siglip
+
+        # The word list is split over this host's devices like an image batch (data x fsdp).
+        text_axes = sharding.logical_spec(("batch",), mesh=mesh)[0]
+        text_axes_t = (text_axes,) if isinstance(text_axes, str) else tuple(text_axes or ())
+        text_shards = math.prod(mesh.shape[a] for a in text_axes_t)
+        text_batch = -(-int(lc.text_batch_size) // text_shards) * text_shards
+        text_tower = siglip.TextTower(cfg)
+
+        @functools.partial(jax.jit, in_shardings=(None, NamedSharding(mesh, PartitionSpec(text_axes))))
+        def encode_text(p, ids):
+            with sharding.activation_sharding(mesh):
+                return text_tower.apply({"params": p}, ids, hidden_states=False).embedding
+
+        tokenize = L.make_tokenize_fn(tokenizer, max_length=cfg.text_len, template=lc.prompt)
+        table = L.embed_words(
+            lambda ids: encode_text(params["txt"], ids), tokenize, words, text_batch,
+            cache_dir=cache_dir, checkpoint_id=meta["checkpoint_id"], tokenizer_id=meta["tokenizer_id"],
+        )
+        word_axes = lc.word_axes
+        if isinstance(word_axes, str):  # "tensor", "fsdp,tensor" or "" (replicated)
+            word_axes = [a for a in re.split(r"[,\s]+", word_axes) if a]
+        labeller = L.make_labeller(
+            cfg, params, table, mesh, n=int(lc.top_n), negate_similarity=bool(lc.negate_similarity),
+            feature=lc.feature, word_axes=word_axes, chunk_size=(int(lc.chunk_size) or None),
+            precision=_precision(lc.matmul_precision),
+        )
+        if lc.batch_size % labeller.batch_shards:
+            raise ValueError(
+                f"labels.batch_size {lc.batch_size} must be a multiple of the {labeller.batch_shards} "
+                f"batch shards of this host's mesh {dict(mesh.shape)}"
+            )
+        users: dict[int, list[str]] = collections.defaultdict(list)
+        for sid, pos in data.samples:
+            users[pos].append(sid)
+        with concurrent.futures.ThreadPoolExecutor(max(1, int(lc.num_workers))) as pool:
+            for s in pending:
+                _label_shard(s, num_shards, out_dir, data, users, labeller, cfg, config, len(words), pool)
+
+    if lc.process_count <= 0 and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("sea_jax.labels: all shards written")
+        if pi != 0:
+            return None  # process 0 writes the summary once for the pod
+    done = [s for s in range(num_shards) if os.path.exists(shard_path(out_dir, s, num_shards))]
+    if len(done) < num_shards:
+        logging.info("%d of %d shards complete; the run that completes the last one writes the summary",
+                     len(done), num_shards)
+        return None
+    return finalize(out_dir, data)
+
+
+def _read_meta(out_dir: str, required: bool = False) -> dict:
+    path = os.path.join(out_dir, "meta.json")
+    if not os.path.exists(path):
+        if required:
+            raise FileNotFoundError(f"{path} missing although shards exist; delete the shards to relabel")
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _check_or_write_meta(out_dir: str, meta: dict) -> None:
+    old = _read_meta(out_dir)
+    if old:
+        diff = {k: (old.get(k), meta[k]) for k in META_KEYS if k in meta and old.get(k) != meta[k]}
+        if diff:
+            raise ValueError(
+                f"{out_dir} holds labels made with different settings {diff} (old, new); use another "
+                "labels.output_dir or delete it"
+            )
+        return
+    _write_text_atomic(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=1, sort_keys=True))
+
+
+def _write_words(out_dir: str, words: list[str]) -> None:
+    path = os.path.join(out_dir, "words.txt")
+    text = "".join(w + "\n" for w in words)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return
+    _write_text_atomic(path, text)
+
+
+def _label_shard(s, num_shards, out_dir, data: Dataset, users, labeller, cfg, config, num_words, pool) -> None:
+    lc, dc = config.labels, config.data
+    t0 = time.time()
+    lo, hi = s * int(lc.shard_size), min((s + 1) * int(lc.shard_size), len(data.images))
+    items = [(pos, os.path.join(dc.image_root, data.images[pos])) for pos in range(lo, hi)]
+    size, pad, bs = cfg.image_size, bool(dc.pad_to_square), int(lc.batch_size)
+    rows_pos: list[int] = []
+    outs: list[tuple[Any, Any, int]] = []
+    bad: list[tuple[str, str]] = []
+    load = lambda path: _load_safe(path, size, pad)  # noqa: E731
+    for chunk in _batches(items, bs, load, pool):
+        good = []
+        for pos, res in chunk:
+            if isinstance(res, image_lib.ImageLoadError):
+                logging.warning("skipping image %s (samples %s): %s", data.images[pos], users[pos], res)
+                bad.append((data.images[pos], str(res)))
+            else:
+                good.append((pos, res))
+        if not good:
+            continue
+        batch = np.zeros((bs, size, size, 3), np.float32)  # padded rows are discarded below
+        for i, (pos, pixels) in enumerate(good):
+            batch[i] = pixels
+            rows_pos.append(pos)
+        ids, scores, valid = labeller(batch)  # dispatched asynchronously; read back at shard end
+        outs.append((ids, scores, valid, len(good)))
+    n = int(lc.top_n)
+    p = cfg.num_patches
+    all_ids = np.empty((len(rows_pos), p, n), np.int32)
+    all_scores = np.empty((len(rows_pos), p, n), np.float32)
+    row = 0
+    for ids, scores, valid, k in outs:
+        ids, scores, valid = (np.asarray(a)[:k] for a in (ids, scores, valid))
+        all_ids[row:row + k] = np.where(valid, ids, -1)  # dropped labels (score <= 0) -> id -1
+        all_scores[row:row + k] = scores
+        row += k
+    arrays = {
+        "ids": all_ids,
+        "scores": all_scores.astype(np.float16),
+        "image": np.asarray([data.images[pos] for pos in rows_pos], dtype=np.str_),
+        "image_index": np.asarray(rows_pos, np.int64),
+        "bad_image": np.asarray([b[0] for b in bad], dtype=np.str_),
+        "bad_reason": np.asarray([b[1] for b in bad], dtype=np.str_),
+        # statistics from the float32 scores, so the summary does not need the label arrays
+        **shard_statistics(all_ids, all_scores, num_words),
+    }
+    _write_npz_atomic(shard_path(out_dir, s, num_shards), arrays)
+    dt = time.time() - t0
+    logging.info("shard %d/%d: %d images labelled, %d bad, %.1fs (%.1f images/s)", s + 1, num_shards,
+                 len(rows_pos), len(bad), dt, len(rows_pos) / max(dt, 1e-9))
+
+
+# ----------------------------------------------------------------------------------------------
+# Index and summary
+
+
+def finalize(out_dir: str, data: Dataset) -> dict:
+    """Writes ``index.json``, ``summary.json`` and ``summary.png`` from the shards' small arrays
+    (the label arrays themselves are not read), returns the summary."""
+    meta = _read_meta(out_dir, required=True)
+    with open(os.path.join(out_dir, "words.txt"), encoding="utf-8") as f:
+        words = [w.rstrip("\n") for w in f]
+    num_shards, num_words = meta["num_shards"], meta["num_words"]
+    shards = [shard_name(s, num_shards) for s in range(num_shards)]
+    where: dict[str, list[int]] = {}
+    counts = np.zeros(num_words, np.int64)
+    score_sum = np.zeros(num_words, np.float64)
+    hist = np.zeros(SCORE_BINS, np.int64)
+    entries = 0
+    bad_images: list[tuple[str, str]] = []
+    for s, name in enumerate(shards):
+        with np.load(os.path.join(out_dir, name), allow_pickle=False) as z:
+            for r, path in enumerate(z["image"].tolist()):
+                where[path] = [s, r]
+            bad_images += list(zip(z["bad_image"].tolist(), z["bad_reason"].tolist()))
+            counts += z["word_counts"]
+            score_sum += z["word_score_sum"]
+            hist += z["score_hist"]
+            entries += int(z["num_entries"])
+    samples = {sid: where[data.images[pos]] for sid, pos in data.samples if data.images[pos] in where}
+    users: dict[str, list[str]] = collections.defaultdict(list)
+    for sid, pos in data.samples:
+        users[data.images[pos]].append(sid)
+
+    index = {"shards": shards, "images": where, "samples": samples}
+    _write_text_atomic(os.path.join(out_dir, "index.json"), json.dumps(index))
+
+    used = counts > 0
+    kept = int(counts.sum())
+    edges = np.linspace(0.0, 1.0, SCORE_BINS + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    word_mean = np.where(used, score_sum / np.maximum(counts, 1), 0.0)
+    cdf = np.cumsum(hist)
+    median = float(centres[np.searchsorted(cdf, kept / 2)]) if kept else float("nan")
+    order = np.argsort(-counts, kind="stable")[:25]
+    summary = {
+        "num_records": data.num_records,
+        "records_without_image": data.no_image,
+        "duplicate_sample_ids": data.duplicate_ids,
+        "num_images": len(data.images),
+        "images_labelled": len(where),
+        "bad_images": len(bad_images),
+        "bad_image_list": [{"image": p, "samples": users[p], "reason": r} for p, r in bad_images],
+        "word_list_size": num_words,
+        "words_used": int(used.sum()),
+        "utilization": float(used.mean()),
+        "label_entries": entries,
+        "labels_kept": kept,
+        "kept_fraction": kept / entries if entries else 0.0,
+        "mean_labels_per_patch": kept / entries * meta["top_n"] if entries else 0.0,
+        "kept_score_mean": float(score_sum.sum() / kept) if kept else float("nan"),
+        "kept_score_median_approx": median,
+        "used_word_mean_score_median": float(np.median(word_mean[used])) if used.any() else float("nan"),
+        "top_words": [{"word": words[i], "count": int(counts[i])} for i in order if counts[i] > 0],
+        "score_hist": {"edges": edges.tolist(), "counts": hist.tolist()},
+        "settings": {k: meta[k] for k in ("top_n", "negate_similarity", "feature", "prompt", "image_size")},
+    }
+    _write_text_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
+    _plot(os.path.join(out_dir, "summary.png"), centres, hist, word_mean[used], summary)
+    logging.info(
+        "summary: %d images labelled, %d bad, %d records without image; word-list utilization %.1f%% "
+        "(%d of %d words); kept-score mean %.3f", len(where), len(bad_images), data.no_image,
+        100 * summary["utilization"], summary["words_used"], num_words, summary["kept_score_mean"],
+    )
+    return summary
+
+
+def _plot(path: str, centres, hist, word_means, summary) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on pod hosts
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.bar(centres, hist, width=centres[1] - centres[0])
+    a.set_xlabel("similarity score of kept labels (> 0)")
+    a.set_ylabel("labels")
+    a.set_title(f"(a) kept label scores, mean {summary['kept_score_mean']:.3f}")
+    b.hist(word_means, bins=50)
+    b.set_xlabel("mean score per used word")
+    b.set_ylabel("words")
+    b.set_title(f"(b) {summary['words_used']}/{summary['word_list_size']} words used "
+                f"({100 * summary['utilization']:.1f}%)")
+    fig.tight_layout()
+    from sea_jax.align.labels import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments {argv[1:]}")
+    from sea_jax import sharding
+
+    sharding.init_distributed()
+    label_dataset(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "labelling config (.py)", lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "run folder (outputs, word-table cache)")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
