@@ -203,8 +203,31 @@ class SafetensorsReader:
         fname = self._where[name]
         try:
             return self._handles[fname].get_tensor(name)
+        except TypeError:
+            # safetensors' numpy backend refuses dtypes numpy lacks (BF16: nearly every released
+            # LLM checkpoint); read those bytes directly through ml_dtypes instead.
+            return _read_raw_tensor(os.path.join(self.folder, fname), name)
         except Exception as e:  # a truncated shard fails here, name the file
             raise ValueError(f"{os.path.join(self.folder, fname)}: cannot read tensor {name!r} ({e})") from e
+
+
+_RAW_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _read_raw_tensor(path: str, name: str) -> np.ndarray:
+    """One tensor of a safetensors file whose dtype numpy lacks, memory-mapped (read lazily)."""
+    import ml_dtypes
+
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    entry = header[name]
+    if entry["dtype"] not in _RAW_DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+    dtype = np.dtype(getattr(ml_dtypes, _RAW_DTYPES[entry["dtype"]]))
+    start, stop = entry["data_offsets"]
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n + start, shape=(stop - start,))
+    return raw.view(dtype).reshape(entry["shape"])
 
 
 class DictReader:
