@@ -1,0 +1,153 @@
+"""The multimodal LLM: image -> SigLIP -> adapter -> visual tokens at ``<image>`` -> decoder LLM.
+
+Semantics are those of HF ``LlavaForConditionalGeneration`` with a SigLIP vision tower and
+``vision_feature_select_strategy="full"``: the adapter reads ``hidden_states[vision_feature_layer]``
+of the vision tower (HF numbering: [0] = patch + position embedding, [i] = output of block i, so
+-2 is the penultimate block's output, before the final norm), the visual tokens replace the
+placeholder embeddings in order, and the whole sequence goes through the LLM's ``inputs_embeds``
+path.
+
+Gemma's sqrt(hidden) input scale: in transformers >= 5 it lives in the embedding module
+(``GemmaTextScaledWordEmbedding``), so HF Llava scales the *text* rows and writes the visual tokens
+unscaled (transformers 4 scaled every row inside ``GemmaModel``; DESIGN.md describes that older
+behaviour). We match the pinned transformers, so an exported model gives the same logits. The two
+conventions differ only by a constant factor on the adapter's last layer.
+
+The three parts stay separate parameter trees (``{"vision", "adapter", "llm"}``) so a train step
+can freeze any of them simply by not differentiating with respect to it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from sea_jax import sharding
+from sea_jax.models.adapter import Adapter
+from sea_jax.models.llm import LLM, LLMConfig
+from sea_jax.models.siglip import ImageEncoding, ImageTower, SigLIPConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class MLLMConfig:
+    """Configuration of the multimodal model.
+
+    Attributes:
+      llm: the decoder LLM.
+      vision: the SigLIP towers (the image tower is the vision encoder; the text tower only labels).
+      image_token_id: id of the ``<image>`` placeholder in the LLM's vocabulary.
+      vision_feature_layer: index into the image tower's hidden states (HF numbering, see module).
+      adapter: "mlp2x_gelu" or "linear".
+    """
+
+    llm: LLMConfig
+    vision: SigLIPConfig
+    image_token_id: int
+    vision_feature_layer: int = -2
+    adapter: str = "mlp2x_gelu"
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens per image (all patches; SigLIP has no CLS token)."""
+        return self.vision.num_patches
+
+
+class Forward(NamedTuple):
+    """One forward pass.
+
+    Attributes:
+      logits: [b, l, vocab] float32.
+      visual_tokens: [b, p, d] adapter outputs (what SEA aligns).
+      image: the vision tower's outputs (``patch_embeds`` feeds on-the-fly labelling).
+    """
+
+    logits: Float[Array, "b l v"]
+    visual_tokens: Float[Array, "b p d"]
+    image: ImageEncoding
+
+
+def merge_image_tokens(
+    text_embeds: Float[Array, "b l d"],
+    input_ids: Int[Array, "b l"],
+    visual_tokens: Float[Array, "b p d"],
+    image_token_id: int,
+) -> Float[Array, "b l d"]:
+    """Writes row i's visual tokens, in order, at row i's ``<image>`` positions.
+
+    A row with no placeholder (a text-only sample) keeps its text embeddings and ignores its image
+    slot; a row with placeholders must have exactly ``p`` of them (the data pipeline checks this
+    before batching, as HF Llava does at run time).
+    """
+    is_image = input_ids == image_token_id
+    # k-th placeholder of a row takes visual token k of that row's image.
+    k = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, visual_tokens.shape[1] - 1)
+    gathered = jnp.take_along_axis(visual_tokens, k[..., None], axis=1)
+    return jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+class MLLM:
+    """The model definitions (stateless); parameters are passed to every call.
+
+    ``params = {"vision": siglip_params, "adapter": adapter_params, "llm": llm_params}`` where
+    ``siglip_params`` is the big_vision tree (``img``, ``txt``, ``t``, ``b``).
+    """
+
+    def __init__(self, cfg: MLLMConfig):
+        self.cfg = cfg
+        self.llm = LLM(cfg.llm)
+        self.image_tower = ImageTower(cfg.vision)
+        self.adapter = Adapter(out_dim=cfg.llm.hidden, kind=cfg.adapter, dtype=cfg.llm.dtype)
+
+    def encode_images(self, vision_params: Any, images: Float[Array, "b h w 3"]) -> ImageEncoding:
+        """SigLIP image tower (``vision_params["img"]``) with every block's output (the adapter reads
+        one of them). The text tower is not needed here: labels come from its cached word table."""
+        return self.image_tower.apply({"params": vision_params["img"]}, images, hidden_states=True)
+
+    def visual_tokens(self, adapter_params: Any, image: ImageEncoding) -> Float[Array, "b p d"]:
+        """Adapter applied to ``hidden_states[vision_feature_layer]``."""
+        feats = image.hidden_states[self.cfg.vision_feature_layer]
+        return self.adapter.apply({"params": adapter_params}, feats)
+
+    def embed_inputs(
+        self, llm_params: Any, input_ids: Int[Array, "b l"], visual_tokens: Float[Array, "b p d"]
+    ) -> Float[Array, "b l d"]:
+        """LLM ``inputs_embeds`` for a batch: the text rows as the LLM embeds them (scaled for
+        Gemma) with the visual tokens written, unscaled, at the ``<image>`` positions (HF Llava)."""
+        text = self.llm.apply({"params": llm_params}, input_ids, method="embed", scaled=True)
+        merged = merge_image_tokens(text, input_ids, visual_tokens, self.cfg.image_token_id)
+        return sharding.constrain(merged, ("batch", "length", "act_embed"))
+
+    def __call__(
+        self,
+        params: Any,
+        images: Float[Array, "b h w 3"],
+        input_ids: Int[Array, "b l"],
+        attention_mask: Bool[Array, "b l"] | None = None,
+    ) -> Forward:
+        """Full forward pass -> :class:`Forward`."""
+        image = self.encode_images(params["vision"], images)
+        tokens = self.visual_tokens(params["adapter"], image)
+        embeds = self.embed_inputs(params["llm"], input_ids, tokens)
+        out = self.llm.apply({"params": params["llm"]}, attention_mask=attention_mask, inputs_embeds=embeds)
+        return Forward(logits=out.logits, visual_tokens=tokens, image=image)
+
+
+def lm_loss(
+    logits: Float[Array, "b l v"], input_ids: Int[Array, "b l"], loss_mask: Bool[Array, "b l"]
+) -> tuple[Float[Array, ""], Int[Array, ""]]:
+    """Next-token cross-entropy averaged over supervised target tokens.
+
+    ``loss_mask[b, t]`` marks token t as a *target* (predicted from position t-1), the LLaVA
+    convention of labels != -100. Returns (mean loss, number of target tokens); 0 when none.
+    """
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = input_ids[:, 1:]
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = (logz - picked) * mask
+    count = mask.sum()
+    return nll.sum() / jnp.maximum(count, 1.0), count.astype(jnp.int32)
