@@ -77,7 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.template = "plain"  # "plain" (stage 1) or "chat" (the LLM tokenizer's chat template)
     c.data.pad_to_square = False  # LLaVA-1.5 stage 2 pads with the image mean first
     c.data.max_length = 2048
-    c.data.num_workers = 2
+    c.data.num_shards = 0  # data shards dealt over processes (0 = one per process); see data/pipeline.py
+    c.data.num_workers = 2  # Grain worker processes per shard (0 = in the main process)
+    c.data.num_threads = 4  # decoding threads per worker
     c.data.prefetch = 2
 
     c.optim = ml_collections.ConfigDict()
