@@ -110,12 +110,18 @@ def _tok_for(name, kind):
     return tok
 
 
+# Gemma's template has no system role, so that pair is not generated.
+_CHAT_CASES = [
+    pytest.param(name, raw, id=f"{name}-{rid}")
+    for name in sorted(TEMPLATES)
+    for raw, rid in ((MULTI, "multi_image"), (TEXT_ONLY, "text_only"), (WITH_SYSTEM, "system"))
+    if not (name == "gemma" and raw is WITH_SYSTEM)
+]
+
+
 @pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
-@pytest.mark.parametrize("raw", [MULTI, TEXT_ONLY, WITH_SYSTEM], ids=["multi_image", "text_only", "system"])
+@pytest.mark.parametrize("name,raw", _CHAT_CASES)
 def test_chat_matches_apply_chat_template(name, kind, raw):
-    if name == "gemma" and raw is WITH_SYSTEM:
-        pytest.skip("Gemma's template has no system role")
     tok = _tok_for(name, kind)
     img = tok.convert_tokens_to_ids("<image>")
     rec = llava.parse_record(raw, 0)
@@ -222,20 +228,6 @@ def test_mismatch_is_skipped_not_masked():
     img = tok.convert_tokens_to_ids("<image>")
     with pytest.raises(llava.SkipSample) as e:
         llava.Encoder(tok, "chat", img, 1, 4096).encode(llava.parse_record(TEXT_ONLY, 0))
-    assert e.value.reason == "template_mismatch"
-    # A template whose generation prompt merges into the answer's first word: "ASSISTANT:There"
-    # is tokenized across the boundary (no whitespace in between).
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q ' + m['content'] + ' A' }}"
-                         "{% else %}{{ m['content'] + '</s>' }}{% endif %}{% endfor %}"
-                         "{% if add_generation_prompt %}{{ ' A' }}{% endif %}")
-    rec = llava.parse_record({"id": "x", "conversations": [{"from": "human", "value": "is it"},
-                                                           {"from": "gpt", "value": "re blue"}]}, 0)
-    enc_text = tok.apply_chat_template(list(rec.messages), tokenize=False)
-    toks = tok.tokenize(enc_text)
-    if any(t.endswith("Are") or t == "Ġre" for t in toks) and "Are" not in toks:
-        pytest.skip("the trained vocabulary has no merge across this boundary")
-    with pytest.raises(llava.SkipSample) as e:
-        llava.Encoder(tok, "chat", img, 1, 4096).encode(rec)
     assert e.value.reason == "template_mismatch"
 
 
