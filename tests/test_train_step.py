@@ -263,9 +263,9 @@ def test_empty_label_batch_gives_zero_align_loss_and_finite_grads(setup):
     scfg = StepConfig(lam=1.0, label_source="batch")
     trainable, frozen = split_params(params, scfg.trainable)
     frozen = dict(frozen, label_table=table)
-    (loss, m), g = jax.value_and_grad(
+    (loss, m), g = jax.jit(jax.value_and_grad(
         lambda p: loss_fn(model, scfg, p, frozen, jax.tree.map(jnp.asarray, batch), step_key(0, jnp.asarray(0))), has_aux=True
-    )(trainable)
+    ))(trainable)
     assert float(m["align_loss"]) == 0.0 and int(m["pairs_kept"]) == 0
     assert np.isfinite(float(loss))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g))
