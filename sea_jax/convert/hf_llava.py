@@ -1,0 +1,608 @@
+"""sea_jax MLLM <-> Hugging Face ``LlavaForConditionalGeneration`` folders (export and import).
+
+The Llava mapping is composed from the family mappings, run through the one converter engine
+(:mod:`sea_jax.convert.mapping`); nothing here converts a tensor by itself:
+
+* vision tower: :func:`~sea_jax.convert.hf_siglip.siglip_vision_params` (our ``vision/img/...``),
+* adapter: ``adapter/linear_{1,2}`` <-> ``multi_modal_projector.linear_{1,2}`` (``nn.Linear``),
+* LLM: :func:`~sea_jax.convert.hf_llm.hf_param_mapping` (our ``llm/...``).
+
+Tensor names. ``transformers`` 5.23 builds ``model.vision_tower.*``, ``model.multi_modal_projector.*``,
+``model.language_model.*`` and ``lm_head.weight`` in memory, but ``save_pretrained`` writes the
+legacy on-disk names ``vision_tower.*``, ``multi_modal_projector.*``, ``language_model.model.*``
+and ``language_model.lm_head.weight`` (what llava-hf checkpoints on the Hub, vLLM and older
+``transformers`` read). Export writes the on-disk names (``NAMING_DISK``); import accepts both.
+
+Exported folder (loads offline with ``AutoModelForImageTextToText`` + ``AutoProcessor``)::
+
+    config.json                      LlavaConfig: SigLIP vision_config, the LLM text_config,
+                                     image_token_index, vision_feature_layer,
+                                     vision_feature_select_strategy="full", image_seq_length
+    generation_config.json           bos / eos / pad
+    model.safetensors | model-0000i-of-0000n.safetensors + model.safetensors.index.json
+    tokenizer.json, tokenizer_config.json  ``<image>`` an added special token
+    chat_template.jinja              the chat template (accepts string or [{"type": "image"}, ...] contents)
+    processor_config.json            LlavaProcessor: patch_size, num_additional_image_tokens=0,
+                                     vision_feature_select_strategy, image_token, and (transformers 5)
+                                     the image processor settings
+    preprocessor_config.json         the same image processor settings for loaders that read this file
+
+Image preprocessing. Training uses :func:`sea_jax.data.images.preprocess_image`: optional LLaVA
+``expand2square`` with the mean colour ``int(0.5 * 255) = 127``, PIL bicubic resize, x / 255,
+(x - 0.5) / 0.5. ``LlavaImageProcessor`` reproduces exactly that with ``do_pad`` (pad to square with
+``int(mean * 255)``, same centring offsets), ``size = {height, width}``, ``do_center_crop=False``.
+Its PIL backend (``LlavaImageProcessorPil``) is bit-compatible with training; when torchvision is
+installed ``AutoProcessor`` picks the torchvision backend, whose antialiased bicubic differs by a few
+1e-3: pass ``backend="pil"`` to ``AutoProcessor.from_pretrained`` for exact pixels (the backend
+cannot be pinned from the folder in transformers 5.23).
+
+What is not exported: the SigLIP *text* tower and ``log_tau`` (not part of a Llava; the text tower
+labels patches during training only). :func:`import_llava` therefore returns ``vision = {"img": ...}``.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sea_jax import sharding
+from sea_jax.convert import hf_llm, hf_siglip, mapping
+from sea_jax.convert.mapping import Identity, Linear, Param
+from sea_jax.models import llm as llm_lib
+from sea_jax.models import siglip
+from sea_jax.models.adapter import Adapter
+from sea_jax.models.mllm import MLLMConfig
+
+
+IMAGE_TOKEN = "<image>"
+
+# (vision tower, projector, decoder, lm_head) name prefixes of the two namings.
+NAMING_DISK = ("vision_tower.", "multi_modal_projector.", "language_model.model.", "language_model.lm_head.weight")
+NAMING_MEMORY = ("model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", "lm_head.weight")
+_NAMINGS = {"disk": NAMING_DISK, "memory": NAMING_MEMORY}
+
+# LLaVA stage-1 ("plain") has no chat format: image then text. Used when the tokenizer has no
+# chat template and none is given.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['content'] }}"
+    "{% if not loop.last %}\n{% endif %}{% endfor %}"
+)
+
+# Prepended to the LLM's chat template: turns HF-processor style contents
+# ([{"type": "image"}, {"type": "text", "text": ...}]) into the string LLaVA trains on
+# ("<image>\n" + text), then the LLM's own template renders the strings. String contents pass
+# through untouched, so the tokenizer and the processor render the same text for the same chat.
+_CONTENT_TO_STRING = (
+    "{%- set _sea = namespace(msgs=[]) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['content'] is string -%}{%- set _sea.msgs = _sea.msgs + [m] -%}"
+    "{%- else -%}{%- set _c = namespace(s='') -%}"
+    "{%- for part in m['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{%- set _c.s = _c.s + '<image>\n' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set _c.s = _c.s + part['text'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set _sea.msgs = _sea.msgs + [{'role': m['role'], 'content': _c.s}] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = _sea.msgs -%}"
+)
+_WRAP_MARK = "{%- set _sea = namespace(msgs=[]) -%}"
+
+
+def multimodal_chat_template(template: str) -> str:
+    """The LLM's chat template extended to image/text content lists (idempotent)."""
+    if template.startswith(_WRAP_MARK):
+        return template
+    return _CONTENT_TO_STRING + template
+
+
+# ----------------------------------------------------------------------------------------------
+# Mapping and config
+
+
+def adapter_params(cfg: MLLMConfig, name_prefix: str = "multi_modal_projector.", path_prefix=("adapter",)) -> list[Param]:
+    """``adapter/linear_{1,2}/{kernel,bias}`` <-> ``{name_prefix}linear_{1,2}.{weight,bias}``."""
+    if cfg.adapter != "mlp2x_gelu":
+        raise NotImplementedError(
+            f"adapter {cfg.adapter!r}: HF Llava's projector is Linear-GELU-Linear (mlp2x_gelu) only; "
+            "export a 'linear' adapter with export_adapter instead"
+        )
+    out = []
+    for i in (1, 2):
+        out += [
+            Param(path_prefix + (f"linear_{i}", "kernel"), f"{name_prefix}linear_{i}.weight", Linear()),
+            Param(path_prefix + (f"linear_{i}", "bias"), f"{name_prefix}linear_{i}.bias", Identity()),
+        ]
+    return out
+
+
+def llava_param_mapping(cfg: MLLMConfig, naming: str = "disk") -> list[Param]:
+    """The whole Llava as one ``list[Param]`` over our tree ``{"vision": {"img"}, "adapter", "llm"}``.
+
+    Args:
+      naming: "disk" (what ``save_pretrained`` writes) or "memory" (module names in transformers 5).
+    """
+    vis, proj, lm, head = _NAMINGS[naming]
+    vision = [
+        Param(("vision",) + p.path, p.name, p.transform, p.stacked, p.part)
+        for p in hf_siglip.siglip_vision_params(cfg.vision, name_prefix=vis, path_prefix=("img",), include_head=True)
+    ]
+    language = [
+        Param(("llm",) + p.path, p.name, p.transform, p.stacked, p.part)
+        for p in hf_llm.hf_param_mapping(cfg.llm, prefix=lm, lm_head=head)
+    ]
+    return vision + adapter_params(cfg, name_prefix=proj) + language
+
+
+def _check_exportable(cfg: MLLMConfig) -> None:
+    n_hidden = cfg.vision.depth + 1
+    if not -n_hidden <= cfg.vision_feature_layer < n_hidden:
+        raise ValueError(f"vision_feature_layer {cfg.vision_feature_layer} outside the tower's {n_hidden} hidden states")
+    if not 0 <= cfg.image_token_id < cfg.llm.vocab_size:
+        raise ValueError(
+            f"image_token_id {cfg.image_token_id} has no row in the LLM's embedding (vocab_size "
+            f"{cfg.llm.vocab_size}); resize the embedding to include the <image> token before exporting"
+        )
+
+
+def llava_config(cfg: MLLMConfig, tokenizer: Any | None = None, dtype: Any = np.float32) -> dict:
+    """The ``config.json`` dict of the exported ``LlavaForConditionalGeneration``.
+
+    Built through ``transformers.LlavaConfig`` (so it is in the installed version's format):
+    SigLIP ``vision_config``, the LLM ``text_config`` (with the tokenizer's pad id when the LLM
+    config has none), ``image_token_index`` = ``cfg.image_token_id``, ``vision_feature_layer``,
+    ``vision_feature_select_strategy="full"`` (SigLIP has no CLS token to drop),
+    ``image_seq_length`` = patches per image, ``projector_hidden_act="gelu"`` (exact GELU, as our
+    adapter), ``multimodal_projector_bias=True``.
+    """
+    import transformers
+
+    _check_exportable(cfg)
+    text = hf_llm.config_to_hf(cfg.llm, dtype)
+    if text.get("pad_token_id") is None and tokenizer is not None and tokenizer.pad_token_id is not None:
+        text["pad_token_id"] = tokenizer.pad_token_id
+    c = transformers.LlavaConfig(
+        vision_config=hf_siglip.vision_config_to_hf(cfg.vision),
+        text_config=text,
+        image_token_index=cfg.image_token_id,
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy="full",
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        image_seq_length=cfg.num_image_tokens,
+        tie_word_embeddings=cfg.llm.tie_embeddings,
+    )
+    c.architectures = ["LlavaForConditionalGeneration"]
+    c.dtype = np.dtype(dtype).name
+    return c.to_dict()
+
+
+def config_from_llava(hf: Mapping, source: str = "config.json", **llm_overrides) -> MLLMConfig:
+    """MLLMConfig from a Llava ``config.json`` dict; raises on what our model does not compute."""
+    if hf.get("model_type") != "llava":
+        raise ValueError(f"{source}: model_type {hf.get('model_type')!r}, expected 'llava' (LlavaForConditionalGeneration)")
+    for key in ("vision_config", "text_config"):
+        if not isinstance(hf.get(key), Mapping):
+            raise ValueError(f"{source}: no {key}")
+    strategy = hf.get("vision_feature_select_strategy", "default")
+    if strategy != "full":
+        raise NotImplementedError(f"{source}: vision_feature_select_strategy {strategy!r}; only 'full' (SigLIP, no CLS) is supported")
+    if hf.get("projector_hidden_act", "gelu") != "gelu":
+        raise NotImplementedError(f"{source}: projector_hidden_act {hf['projector_hidden_act']!r}; the adapter uses exact GELU")
+    if not hf.get("multimodal_projector_bias", True):
+        raise NotImplementedError(f"{source}: a projector without biases is not supported")
+    layer = hf.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise NotImplementedError(f"{source}: vision_feature_layer {layer!r}; only a single layer is supported")
+    if hf["vision_config"].get("model_type") != "siglip_vision_model":
+        raise NotImplementedError(f"{source}: vision tower {hf['vision_config'].get('model_type')!r}; only SigLIP is supported")
+    image_token = hf.get("image_token_id", hf.get("image_token_index"))
+    if image_token is None:
+        raise ValueError(f"{source}: no image_token_index")
+    vision = hf_siglip.config_from_hf(hf["vision_config"])
+    text = dict(hf["text_config"])
+    if "tie_word_embeddings" not in text and "tie_word_embeddings" in hf:
+        text["tie_word_embeddings"] = hf["tie_word_embeddings"]
+    llm_cfg = hf_llm.config_from_hf(text, **llm_overrides)
+    return MLLMConfig(llm=llm_cfg, vision=vision, image_token_id=int(image_token), vision_feature_layer=layer, adapter="mlp2x_gelu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and processor
+
+
+def prepare_tokenizer(tokenizer: Any, cfg: MLLMConfig, chat_template: str | None = None):
+    """A copy of ``tokenizer`` with ``<image>`` an added special token at ``cfg.image_token_id``
+    and the multimodal chat template.
+
+    Adding ``<image>`` grows the tokenizer by one when it lacks the token: its new id must be the
+    model's ``image_token_id`` and every token id must have an embedding row (len(tokenizer) <=
+    vocab_size); otherwise the export would silently give the placeholder someone else's row, so
+    this raises and says what to fix.
+    """
+    import tempfile
+
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    added = IMAGE_TOKEN not in tokenizer.get_vocab()
+    # A reload is the public way (transformers 5) to name <image> as the tokenizer's
+    # ``image_token`` (saved in tokenizer_config.json, read by LlavaProcessor); it also leaves the
+    # caller's tokenizer untouched.
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True, extra_special_tokens={"image_token": IMAGE_TOKEN})
+    tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_id != cfg.image_token_id:
+        how = "was added to the tokenizer and got" if added else "is in the tokenizer as"
+        raise ValueError(
+            f"{IMAGE_TOKEN} {how} id {image_id}, but the model's image_token_id is {cfg.image_token_id}; "
+            "export with the tokenizer the model was trained with"
+        )
+    if len(tok) > cfg.llm.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tok)} tokens (with {IMAGE_TOKEN}) but the LLM's embedding has only "
+            f"{cfg.llm.vocab_size} rows; resize the embedding (and lm_head) to at least {len(tok)} rows"
+        )
+    template = chat_template or tok.chat_template or PLAIN_CHAT_TEMPLATE
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()))
+    tok.chat_template = multimodal_chat_template(template)
+    return tok
+
+
+def image_processor(cfg: MLLMConfig, pad_to_square: bool):
+    """``LlavaImageProcessorPil`` doing what :func:`sea_jax.data.images.preprocess_image` does."""
+    from transformers.models.llava import LlavaImageProcessorPil
+
+    from sea_jax.data.images import SIGLIP_MEAN, SIGLIP_STD
+
+    s = cfg.vision.image_size
+    return LlavaImageProcessorPil(
+        do_resize=True,
+        size={"height": s, "width": s},
+        resample=3,  # PIL bicubic
+        do_center_crop=False,
+        crop_size={"height": s, "width": s},  # read by the processor to count image tokens
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(SIGLIP_MEAN),
+        image_std=list(SIGLIP_STD),
+        do_pad=bool(pad_to_square),  # LLaVA expand2square with int(mean * 255), before the resize
+        do_convert_rgb=True,
+    )
+
+
+def make_processor(cfg: MLLMConfig, tokenizer: Any, pad_to_square: bool):
+    """``LlavaProcessor`` over a tokenizer from :func:`prepare_tokenizer`."""
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=image_processor(cfg, pad_to_square),
+        tokenizer=tokenizer,
+        patch_size=cfg.vision.patch_size,
+        vision_feature_select_strategy="full",
+        chat_template=tokenizer.chat_template,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=0,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+def _np_dtype(dtype: Any) -> np.dtype:
+    if isinstance(dtype, str) and dtype in ("bfloat16", "bf16"):
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(jnp.dtype(dtype))
+
+
+def _remove_stale_weights(out_dir: str) -> None:
+    # A previous export with another shard count would leave files the new index does not list.
+    for f in glob.glob(os.path.join(out_dir, "model*.safetensors")) + glob.glob(os.path.join(out_dir, "model.safetensors.index.json")):
+        os.remove(f)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def export_llava(
+    cfg: MLLMConfig,
+    params: Mapping,
+    tokenizer: Any,
+    out_dir: str,
+    dtype: Any = np.float32,
+    pad_to_square: bool = False,
+    chat_template: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> list[str]:
+    """Writes ``params`` as a ``LlavaForConditionalGeneration`` folder (see the module docstring).
+
+    Args:
+      cfg: the model's config.
+      params: ``{"vision": {"img": ..., (txt, t, b ignored)}, "adapter": ..., "llm": ..., (log_tau
+        ignored)}``; numpy or (sharded, possibly multi-host) jax arrays.
+      tokenizer: the LLM's ``transformers`` tokenizer (``<image>`` is added if missing, see
+        :func:`prepare_tokenizer`).
+      out_dir: the folder (created; previous ``model*.safetensors`` in it are replaced).
+      dtype: weight dtype on disk (``np.float32`` / ``"bfloat16"``).
+      pad_to_square: the training stage padded images to squares (LLaVA-1.5 stage 2).
+      chat_template: overrides the tokenizer's chat template.
+      max_shard_bytes: safetensors shard size.
+
+    Tensors are gathered and written one at a time (at most one shard in host memory). Every
+    process must call this (gathering is collective); only process 0 writes.
+
+    Returns:
+      the safetensors file names.
+    """
+    np_dtype = _np_dtype(dtype)
+    hf_config = llava_config(cfg, tokenizer, np_dtype)
+    tok = prepare_tokenizer(tokenizer, cfg, chat_template)
+    tensors = mapping.export(llava_param_mapping(cfg, "disk"), params, dtype=np_dtype)
+    if jax.process_index() != 0:
+        for _ in tensors:  # take part in every gather, write nothing
+            pass
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    _remove_stale_weights(out_dir)
+    files = mapping.save_safetensors(tensors, out_dir, max_shard_bytes=max_shard_bytes)
+    _write_json(os.path.join(out_dir, "config.json"), hf_config)
+    _write_generation_config(cfg, tok, out_dir)
+    processor = make_processor(cfg, tok, pad_to_square)
+    processor.save_pretrained(out_dir)
+    # transformers 5 nests the image processor in processor_config.json; older loaders (and
+    # vLLM's) read preprocessor_config.json, so it is written as well.
+    processor.image_processor.save_pretrained(out_dir)
+    return files
+
+
+def _write_generation_config(cfg: MLLMConfig, tok: Any, out_dir: str) -> None:
+    from transformers import GenerationConfig
+
+    eos = cfg.llm.eos_token_id
+    eos_ids = list(eos) if isinstance(eos, tuple) else ([] if eos is None else [eos])
+    if tok.eos_token_id is not None and tok.eos_token_id not in eos_ids:
+        eos_ids.append(tok.eos_token_id)
+    pad = cfg.llm.pad_token_id if cfg.llm.pad_token_id is not None else tok.pad_token_id
+    bos = cfg.llm.bos_token_id if cfg.llm.bos_token_id is not None else tok.bos_token_id
+    gen = GenerationConfig(
+        bos_token_id=bos,
+        eos_token_id=eos_ids[0] if len(eos_ids) == 1 else (eos_ids or None),
+        pad_token_id=pad,
+    )
+    gen.save_pretrained(out_dir)
+
+
+# LLaVA (haotian-liu/LLaVA) saves the stage-1 projector as ``mm_projector.bin``: the state dict of
+# ``model.mm_projector`` = nn.Sequential(Linear, GELU, Linear) for mlp2x_gelu (entries 0 and 2) or a
+# bare nn.Linear for "linear", under the names below.
+def _adapter_names(kind: str) -> list[tuple[tuple[str, ...], str, Any]]:
+    if kind == "mlp2x_gelu":
+        layers = (("linear_1", "model.mm_projector.0"), ("linear_2", "model.mm_projector.2"))
+    elif kind == "linear":
+        layers = (("linear_1", "model.mm_projector"),)
+    else:
+        raise ValueError(f"adapter kind {kind!r} unknown")
+    out = []
+    for ours, theirs in layers:
+        out += [((ours, "kernel"), f"{theirs}.weight", Linear()), ((ours, "bias"), f"{theirs}.bias", Identity())]
+    return out
+
+
+def adapter_mapping(kind: str) -> list[Param]:
+    """Our ``adapter`` subtree <-> LLaVA's ``mm_projector`` names."""
+    return [Param(path, name, t) for path, name, t in _adapter_names(kind)]
+
+
+ADAPTER_FILE = "mm_projector.safetensors"
+
+
+def export_adapter(cfg: MLLMConfig, adapter: Mapping, out_dir: str, dtype: Any = np.float32) -> str:
+    """Writes the adapter alone, LLaVA's ``mm_projector.bin`` role (stage-1 output), as
+    ``{out_dir}/mm_projector.safetensors`` with LLaVA's names (``model.mm_projector.0.weight``,
+    ``.0.bias``, ``.2.weight``, ``.2.bias`` for mlp2x_gelu; ``model.mm_projector.weight/.bias`` for
+    linear), PyTorch layout [out, in]. The safetensors metadata records LLaVA's config fields
+    (``mm_projector_type``, ``mm_hidden_size``, ``hidden_size``, ``mm_vision_select_layer``).
+
+    LLaVA's own loader (``torch.load`` of a .bin) needs ``safetensors.torch.load_file`` instead;
+    the names and layout are the same. Returns the file path.
+    """
+    if jax.process_index() != 0:
+        for _ in mapping.export(adapter_mapping(cfg.adapter), adapter):
+            pass
+        return ""
+    tensors = dict(mapping.export(adapter_mapping(cfg.adapter), adapter, dtype=_np_dtype(dtype)))
+    from safetensors.numpy import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, ADAPTER_FILE)
+    meta = {
+        "format": "pt",
+        "mm_projector_type": cfg.adapter,
+        "mm_hidden_size": str(cfg.vision.width),
+        "hidden_size": str(cfg.llm.hidden),
+        "mm_vision_select_layer": str(cfg.vision_feature_layer),
+    }
+    save_file(tensors, path, metadata=meta)
+    return path
+
+
+def load_adapter(path: str, kind: str | None = None) -> tuple[str, dict]:
+    """Reads :func:`export_adapter`'s file (or a folder holding it): (kind, adapter params)."""
+    from safetensors import safe_open
+
+    if os.path.isdir(path):
+        path = os.path.join(path, ADAPTER_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no adapter file {path}")
+    with safe_open(path, framework="np") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    kind = kind or meta.get("mm_projector_type") or ("mlp2x_gelu" if "model.mm_projector.2.weight" in tensors else "linear")
+    return kind, mapping.load(adapter_mapping(kind), mapping.DictReader(tensors, path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Import
+
+
+def read_llava_config(folder: str) -> dict:
+    """The folder's ``config.json``; FileNotFoundError / ValueError naming the file otherwise."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such folder")
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{folder}: config.json is missing (expected a Hugging Face Llava folder)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def abstract_params(cfg: MLLMConfig) -> dict:
+    """Boxed (logically partitioned) shapes of ``{"vision": {"img"}, "adapter", "llm"}``."""
+    vis = siglip.abstract_params(cfg.vision)["img"]
+    adapter = jax.eval_shape(
+        lambda: Adapter(out_dim=cfg.llm.hidden, kind=cfg.adapter).init(
+            jax.random.key(0), jnp.zeros((1, 1, cfg.vision.width), jnp.float32)
+        )["params"]
+    )
+    return {"vision": {"img": vis}, "adapter": adapter, "llm": llm_lib.abstract_variables(cfg.llm)["params"]}
+
+
+def _detect_naming(reader: mapping.TensorReader, folder: str) -> str:
+    keys = set(reader.keys())
+    for naming, (_, _, lm, _) in _NAMINGS.items():
+        if f"{lm}embed_tokens.weight" in keys:
+            return naming
+    raise mapping.MissingTensorError(
+        f"{folder}: no language-model embedding (looked for {NAMING_DISK[2]}embed_tokens.weight and "
+        f"{NAMING_MEMORY[2]}embed_tokens.weight); not a Llava checkpoint or an incomplete one"
+    )
+
+
+def load_llava_params(
+    cfg: MLLMConfig,
+    folder: str,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
+    dtype: Any = np.float32,
+) -> dict:
+    """The parameters of ``cfg`` from the folder's safetensors, leaf by leaf, each placed directly
+    with its sharding (logical rules on ``mesh``; without a mesh, on the first local device)."""
+    reader = mapping.SafetensorsReader(folder)
+    naming = _detect_naming(reader, folder)
+    plist = llava_param_mapping(cfg, naming)
+    abstract = abstract_params(cfg)
+    expected = nn.unbox(abstract)
+    if mesh is not None:
+        shardings = sharding.tree_shardings(abstract, mesh, rules)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, expected)
+    head = _NAMINGS[naming][3]
+    params = mapping.load(plist, reader, shardings=shardings, dtype=dtype, expected=expected)
+    ignore = lambda n: n.endswith("rotary_emb.inv_freq") or (cfg.llm.tie_embeddings and n == head)  # noqa: E731
+    extra = mapping.unused(plist, reader, ignore=ignore)
+    if extra:
+        warnings.warn(f"{folder}: {len(extra)} tensors not used by the model: {extra[:10]}", stacklevel=2)
+    return params
+
+
+def import_llava(
+    folder: str,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
+    weights_dtype: Any = np.float32,
+    **llm_overrides,
+) -> tuple[MLLMConfig, dict, Any]:
+    """A sea_jax model from a Llava folder (ours or any SigLIP + Gemma/Llama/Phi-3 Llava).
+
+    Args:
+      folder: the HF folder (config.json, safetensors, tokenizer files).
+      mesh, rules: place each leaf directly with its logical sharding.
+      weights_dtype: dtype of the returned leaves (float32 master weights).
+      llm_overrides: LLMConfig runtime fields (``dtype`` = compute dtype, default bfloat16;
+        ``scan_layers``, ``remat``).
+
+    Returns:
+      (cfg, params, tokenizer) with ``params = {"vision": {"img"}, "adapter", "llm"}``.
+
+    Raises (each naming the folder and what is missing): FileNotFoundError for a missing folder,
+    config.json, safetensors or a shard listed in the index, or tokenizer files;
+    :class:`~sea_jax.convert.mapping.MissingTensorError` for a tensor the model needs; ValueError
+    for unreadable (truncated) shards, a corrupt index, or a tokenizer whose ``<image>`` id is not
+    the config's.
+    """
+    from sea_jax.tokenizer import load_tokenizer
+
+    hf = read_llava_config(folder)
+    cfg = config_from_llava(hf, os.path.join(folder, "config.json"), **llm_overrides)
+    params = load_llava_params(cfg, folder, mesh=mesh, rules=rules, dtype=weights_dtype)
+    tok = load_tokenizer(folder)
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_id != cfg.image_token_id:
+        raise ValueError(
+            f"{folder}: the tokenizer maps {IMAGE_TOKEN} to {image_id}, config.json says image_token_index "
+            f"{cfg.image_token_id}"
+        )
+    return cfg, params, tok
+
+
+def read_preprocessing(folder: str) -> dict:
+    """``{"image_size": int, "pad_to_square": bool}`` of an exported folder's image processor, so
+    generation in JAX preprocesses as the folder says (processor_config.json, else
+    preprocessor_config.json)."""
+    for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                d = json.load(f)
+            d = d.get(key, {}) if key else d
+            if d:
+                size = d.get("size", {})
+                side = size.get("height") or size.get("shortest_edge")
+                return {"image_size": side, "pad_to_square": bool(d.get("do_pad", False))}
+    raise FileNotFoundError(f"{folder}: no processor_config.json or preprocessor_config.json")
+
+
+__all__ = [
+    "IMAGE_TOKEN",
+    "NAMING_DISK",
+    "NAMING_MEMORY",
+    "adapter_params",
+    "llava_param_mapping",
+    "llava_config",
+    "config_from_llava",
+    "prepare_tokenizer",
+    "multimodal_chat_template",
+    "image_processor",
+    "make_processor",
+    "export_llava",
+    "export_adapter",
+    "load_adapter",
+    "adapter_mapping",
+    "read_llava_config",
+    "abstract_params",
+    "load_llava_params",
+    "import_llava",
+    "read_preprocessing",
+]
