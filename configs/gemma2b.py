@@ -1,0 +1,19 @@
+"""Stage 1 (adapter pretraining + SEA) of SigLIP So400m/14@384 + google/gemma-2b.
+
+    python -m sea_jax.train --config=configs/gemma2b.py --workdir=DIR \
+        --config.llm.checkpoint=/path/to/gemma-2b --config.siglip.checkpoint=/path/to/siglip \
+        --config.data.json=/path/to/blip_laion_cc_sbu_558k.json --config.data.image_root=/path/to/images
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # config_flags loads files by path
+import _recipe  # noqa: E402
+
+
+def get_config(arg=None):
+    if arg:
+        raise ValueError(f"{__name__} takes no config argument, got {arg!r}")
+    c = _recipe.stage1("google/gemma-2b HF folder", "gemma_2b")
+    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}  # 2B fits on every chip: pure data parallel
+    return c
