@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.llm.dtype = "bfloat16"
     c.llm.remat = "none"  # "none" | "full" | "dots" | "dots_no_batch"
     c.llm.scan_layers = True
+    c.llm.overrides = ml_collections.ConfigDict()  # more LLMConfig fields (a shrunk preset in tests)
 
     # SigLIP: an HF SiglipModel folder or a big_vision .npz (variant names the architecture then).
     c.siglip = ml_collections.ConfigDict()
@@ -77,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.template = "plain"  # "plain" (stage 1) or "chat" (the LLM tokenizer's chat template)
     c.data.pad_to_square = False  # LLaVA-1.5 stage 2 pads with the image mean first
     c.data.max_length = 2048
+    c.data.chat_template = ""  # "" = the LLM tokenizer's own; "vicuna_v1" = LLaVA's Vicuna format
     c.data.num_shards = 0  # data shards dealt over processes (0 = one per process); see data/pipeline.py
     c.data.num_workers = 2  # Grain worker processes per shard (0 = in the main process)
     c.data.num_threads = 4  # decoding threads per worker
@@ -98,4 +100,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 3
+    c.train.async_checkpoint = True
+    c.train.progress = True  # tqdm bar on process 0
     return c

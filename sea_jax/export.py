@@ -19,6 +19,7 @@ Multi-host: run on every host (gathering is collective); process 0 writes.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,8 +61,18 @@ def load_workdir(workdir: str, step: int | None = None, mesh=None) -> WorkdirMod
         raise TypeError(f"sea_jax.train.build_model(...).cfg is {type(cfg).__name__}, expected MLLMConfig")
     data = _get(run_config, "data")
     template = PLAIN_CHAT_TEMPLATE if _get(data, "template", "plain") == "plain" else None
+    tokenizer = built.tokenizer
+    # The run saved the tokenizer exactly as trained (<image> added, chat template set, e.g.
+    # Vicuna's LLaVA format that the source folder lacks): prefer it over the source folder's.
+    from sea_jax.checkpoint import find_run
+
+    trained = os.path.join(find_run(workdir), "tokenizer")
+    if os.path.isdir(trained):
+        from sea_jax.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(trained)
     return WorkdirModel(
-        cfg=cfg, params=params, tokenizer=built.tokenizer,
+        cfg=cfg, params=params, tokenizer=tokenizer,
         pad_to_square=bool(_get(data, "pad_to_square", False)), chat_template=template,
     )
 

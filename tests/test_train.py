@@ -270,6 +270,39 @@ def test_stage1_then_stage2_with_bad_data(assets, tmp_path):
     np.testing.assert_array_equal(full["log_tau"], p1["log_tau"])
     assert full["llm"]["embedder"]["embedding"].shape[0] == len(_tokenizer()) + 1  # + <image>
 
+    # export the trained workdir through the CLI; transformers gives our logits on a chat prompt
+    out = tmp_path / "hf"
+    exp = subprocess.run([sys.executable, "-m", "sea_jax.export", f"--workdir={wd}", f"--out={out}", "--dtype=float32"],
+                         cwd=ROOT, env=_env(devices=1), capture_output=True, text=True, timeout=300)
+    assert exp.returncode == 0, exp.stdout[-2000:] + exp.stderr[-4000:]
+    import jax.numpy as jnp
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from sea_jax.export import load_workdir
+
+    hf = AutoModelForImageTextToText.from_pretrained(out).eval()
+    proc = AutoProcessor.from_pretrained(out)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the image?"}]}]
+    prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
+    image = Image.open(assets["root"] / "images" / "img3.png")
+    inputs = proc(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        want = hf(**inputs).logits.numpy()
+    ours = load_workdir(str(wd))
+    from sea_jax.models.mllm import MLLM
+
+    got = MLLM(ours.cfg)(jax_tree(ours.params), jnp.asarray(inputs["pixel_values"].permute(0, 2, 3, 1).numpy()),
+                         jnp.asarray(inputs["input_ids"].numpy()), jnp.asarray(inputs["attention_mask"].numpy())).logits
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+
+
+def jax_tree(tree):
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(jnp.asarray, tree)
+
 
 def _simulate_skips(json_path, steps, batch, seed=0):
     """(sample id -> times skipped, times the long sample was served) after ``steps`` batches of a
