@@ -35,7 +35,7 @@ from sea_jax import sharding
 from sea_jax.align import labels as labels_lib
 from sea_jax.align import loss as loss_lib
 from sea_jax.align import sampling
-from sea_jax.models.mllm import MLLM, lm_loss
+from sea_jax.models.mllm import MLLM, lm_loss, lm_loss_chunked
 
 LABEL_SOURCES = ("on_the_fly", "batch")
 
@@ -54,6 +54,11 @@ class StepConfig:
       tau_min: lower clamp of the temperature.
       trainable: top-level parameter names updated by the optimizer.
       seed: base of every step key.
+      microbatches: the LM loss is accumulated over this many slices of the global batch (exact:
+        the same loss and gradients as one pass). The alignment loss stays on the whole global
+        batch, as SEA defines it, from visual tokens computed once per step.
+      logits_chunk: > 0 computes the LM loss this many positions at a time without ever holding
+        the [batch, length, vocab] logits (Gemma's 256k vocabulary); 0 = plain logits.
     """
 
     lam: float = 1.0
@@ -64,10 +69,14 @@ class StepConfig:
     tau_min: float = loss_lib.DEFAULT_TAU_MIN
     trainable: tuple[str, ...] = ("adapter", "log_tau")
     seed: int = 0
+    microbatches: int = 1
+    logits_chunk: int = 0
 
     def __post_init__(self):
         if self.label_source not in LABEL_SOURCES:
             raise ValueError(f"label_source {self.label_source!r} not in {LABEL_SOURCES}")
+        if self.microbatches < 1 or self.logits_chunk < 0:
+            raise ValueError(f"microbatches {self.microbatches} must be >= 1 and logits_chunk {self.logits_chunk} >= 0")
 
 
 @flax.struct.dataclass
@@ -160,23 +169,105 @@ def loss_fn(
         metrics["target_tokens"] = n_tokens
         return loss, metrics
 
+    align = _alignment(model, scfg, params, frozen, batch, key, mesh, fwd.visual_tokens, fwd.image.patch_embeds)
+    loss, metrics = loss_lib.sea_objective(l_lm, align, scfg.lam)
+    metrics["target_tokens"] = n_tokens
+    return loss, metrics
+
+
+def _alignment(model, scfg, params, frozen, batch, key, mesh, visual_tokens, patch_embeds) -> loss_lib.AlignOut:
+    """Eq. 4-9 on the global batch: labels (on the fly or from the batch), window sampling,
+    global dedup, the distributed symmetric InfoNCE."""
     if scfg.label_source == "on_the_fly":
-        ids, scores, valid = labels_lib.top_labels(
-            fwd.image.patch_embeds, frozen["word_table"], scfg.top_n, scfg.negate_similarity
-        )
+        ids, scores, valid = labels_lib.top_labels(patch_embeds, frozen["word_table"], scfg.top_n, scfg.negate_similarity)
     else:
         ids, scores = batch["label_ids"], batch["label_scores"].astype(jnp.float32)
         valid = scores > 0
     valid = valid & batch["has_image"][:, None, None]
     grid = (model.cfg.vision.grid, model.cfg.vision.grid)
     pairs = sampling.select_pairs(key, ids, scores, valid, grid, scfg.window)
-    align = loss_lib.alignment_loss(
-        fwd.visual_tokens.astype(jnp.float32), pairs, _label_table(scfg, params, frozen).astype(jnp.float32),
+    return loss_lib.alignment_loss(
+        visual_tokens.astype(jnp.float32), pairs, _label_table(scfg, params, frozen).astype(jnp.float32),
         params["log_tau"], mesh=mesh, tau_min=scfg.tau_min,
     )
-    loss, metrics = loss_lib.sea_objective(l_lm, align, scfg.lam)
-    metrics["target_tokens"] = n_tokens
-    return loss, metrics
+
+
+def _split_microbatches(x: jax.Array, m: int) -> jax.Array:
+    """[B, ...] -> [m, B/m, ...] taking every m-th sample, so each microbatch is spread over all the
+    devices the batch is split over (a contiguous split would leave most devices idle)."""
+    if x.shape[0] % m:
+        raise ValueError(f"batch {x.shape[0]} is not divisible into {m} microbatches")
+    return x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
+
+
+def accumulated_grads(
+    model: MLLM,
+    scfg: StepConfig,
+    trainable: Mapping[str, Any],
+    frozen: Mapping[str, Any],
+    batch: Mapping[str, jax.Array],
+    key: jax.Array,
+    mesh: Mesh | None = None,
+) -> tuple[dict[str, jax.Array], Any]:
+    """(metrics, grads) of :func:`loss_fn`'s loss, memory-bounded: the frozen image tower runs
+    once on the global batch, L_a is computed on the global batch, and L_lm is a sum over
+    ``scfg.microbatches`` slices (optionally with the chunked LM head), divided by the global
+    target count at the end, so the result equals one full-batch pass."""
+    vision_trained = "vision" in trainable
+    if vision_trained and scfg.lam > 0 and scfg.microbatches > 1:
+        raise ValueError(
+            "microbatches > 1 with a trained vision tower and lam > 0 would need the tower's activations "
+            "for the whole global batch at once; use lam = 0 (stage 2) or microbatches = 1"
+        )
+    layer = model.cfg.vision_feature_layer
+    image = None
+    if not vision_trained:
+        image = model.encode_images(frozen["vision"], batch["images"])
+
+    grads_a, align = None, None
+    if scfg.lam > 0:
+        def align_fn(p):
+            prm = {**frozen, **p}
+            img = image if image is not None else model.encode_images(prm["vision"], batch["images"])
+            tokens = model.adapter.apply({"params": prm["adapter"]}, img.hidden_states[layer])
+            out = _alignment(model, scfg, prm, frozen, batch, key, mesh, tokens, img.patch_embeds)
+            return out.loss, out
+
+        (_, align), grads_a = jax.value_and_grad(align_fn, has_aux=True)(trainable)
+
+    m = scfg.microbatches
+    xs = {k: _split_microbatches(batch[k], m) for k in ("input_ids", "attention_mask", "loss_mask")}
+    if vision_trained:
+        xs["images"] = _split_microbatches(batch["images"], m)
+    else:
+        xs["feats"] = _split_microbatches(image.hidden_states[layer], m)
+
+    def lm_sum(p, mb):
+        prm = {**frozen, **p}
+        feats = mb["feats"] if "feats" in mb else model.encode_images(prm["vision"], mb["images"]).hidden_states[layer]
+        feats = sharding.constrain(feats, ("batch", "length", "act_embed"))
+        chunk = scfg.logits_chunk
+        fwd = model.forward_features(prm, feats, mb["input_ids"], mb["attention_mask"], compute_logits=not chunk)
+        if chunk:
+            return lm_loss_chunked(model, prm["llm"], fwd.logits, mb["input_ids"], mb["loss_mask"], chunk)
+        mean, count = lm_loss(fwd.logits, mb["input_ids"], mb["loss_mask"])
+        return mean * count, count.astype(jnp.float32)
+
+    def body(carry, mb):
+        g_acc, s_acc, n_acc = carry
+        (s, n), g = jax.value_and_grad(lm_sum, has_aux=True)(trainable, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, n_acc + n), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    (g_sum, s_sum, n_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros(()), jnp.zeros(())), xs)
+    denom = jnp.maximum(n_sum, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, g_sum)
+    l_lm = s_sum / denom
+    if grads_a is not None:
+        grads = jax.tree.map(lambda g, ga: g + scfg.lam * ga, grads, grads_a)
+    _, metrics = loss_lib.sea_objective(l_lm, align if align is not None else jnp.zeros((), jnp.float32), scfg.lam)
+    metrics["target_tokens"] = n_sum.astype(jnp.int32)
+    return metrics, grads
 
 
 def batch_shardings(mesh: Mesh, batch: Mapping[str, Any], rules: sharding.LogicalRules = sharding.DEFAULT_RULES):
@@ -215,10 +306,13 @@ def make_train_step(
     def step(state: TrainState, frozen, batch):
         with sharding.activation_sharding(mesh, rules) if mesh is not None else contextlib.nullcontext():
             key = step_key(scfg.seed, state.step)
-            grad_fn = jax.value_and_grad(
-                lambda p: loss_fn(model, scfg, p, frozen, batch, key, mesh), has_aux=True
-            )
-            (_, metrics), grads = grad_fn(state.params)
+            if scfg.microbatches > 1 or scfg.logits_chunk:
+                metrics, grads = accumulated_grads(model, scfg, state.params, frozen, batch, key, mesh)
+            else:
+                grad_fn = jax.value_and_grad(
+                    lambda p: loss_fn(model, scfg, p, frozen, batch, key, mesh), has_aux=True
+                )
+                (_, metrics), grads = grad_fn(state.params)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             metrics = dict(metrics, grad_norm=optax.tree.norm(grads))

@@ -353,3 +353,23 @@ def test_no_global_pair_matrix_at_stage1_scale():
     assert not big, f"arrays with an N x N/8 (or larger) pair dimension in the compiled step: {big[:5]}"
     mem = compiled.memory_analysis()
     assert mem.temp_size_in_bytes < n * n * 4 / 8, mem
+
+
+@pytest.mark.parametrize("trainable,lam", [(("adapter", "log_tau"), 0.7), (("adapter", "llm", "vision"), 0.0)])
+def test_microbatches_and_chunked_logits_equal_one_pass(setup, trainable, lam):
+    """Accumulating L_lm over microbatches with the chunked LM head gives the full-batch loss and
+    gradients (L_a stays on the whole global batch)."""
+    from sea_jax.train_step import accumulated_grads
+
+    _, model, params, _, table = setup
+    batch = jax.tree.map(jnp.asarray, _batch(b=4, seed=8))
+    key = step_key(1, jnp.asarray(0))
+    one = StepConfig(lam=lam, label_source="batch", trainable=trainable)
+    acc = StepConfig(lam=lam, label_source="batch", trainable=trainable, microbatches=2, logits_chunk=7)
+    tr, fr = split_params(params, trainable)
+    fr = dict(fr, label_table=table)
+    (_, m1), g1 = jax.jit(jax.value_and_grad(lambda p: loss_fn(model, one, p, fr, batch, key), has_aux=True))(tr)
+    m2, g2 = jax.jit(lambda p: accumulated_grads(model, acc, p, fr, batch, key))(tr)
+    for k in ("loss", "lm_loss", "align_loss", "target_tokens"):
+        np.testing.assert_allclose(np.asarray(m2[k]), np.asarray(m1[k]), rtol=1e-5, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7), g2, g1)

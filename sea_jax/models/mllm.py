@@ -66,7 +66,7 @@ class Forward(NamedTuple):
 
     logits: Float[Array, "b l v"]
     visual_tokens: Float[Array, "b p d"]
-    image: ImageEncoding
+    image: ImageEncoding | None
 
 
 def merge_image_tokens(
@@ -129,10 +129,27 @@ class MLLM:
     ) -> Forward:
         """Full forward pass -> :class:`Forward`."""
         image = self.encode_images(params["vision"], images)
-        tokens = self.visual_tokens(params["adapter"], image)
+        fwd = self.forward_features(params, image.hidden_states[self.cfg.vision_feature_layer], input_ids, attention_mask)
+        return fwd._replace(image=image)
+
+    def forward_features(
+        self,
+        params: Any,
+        feats: Float[Array, "b p dv"],
+        input_ids: Int[Array, "b l"],
+        attention_mask: Bool[Array, "b l"] | None = None,
+        compute_logits: bool = True,
+    ) -> Forward:
+        """Forward pass from the adapter's input features (``hidden_states[vision_feature_layer]``),
+        e.g. computed once per step for a frozen tower and reused by every microbatch.
+        ``compute_logits=False`` puts the final hidden states in ``logits``' place (for
+        :func:`lm_loss_chunked`). ``image`` of the result is None."""
+        tokens = self.adapter.apply({"params": params["adapter"]}, feats)
         embeds = self.embed_inputs(params["llm"], input_ids, tokens)
-        out = self.llm.apply({"params": params["llm"]}, attention_mask=attention_mask, inputs_embeds=embeds)
-        return Forward(logits=out.logits, visual_tokens=tokens, image=image)
+        out = self.llm.apply(
+            {"params": params["llm"]}, attention_mask=attention_mask, inputs_embeds=embeds, compute_logits=compute_logits
+        )
+        return Forward(logits=out.logits if compute_logits else out.hidden, visual_tokens=tokens, image=None)
 
 
 def lm_loss(
@@ -151,3 +168,44 @@ def lm_loss(
     nll = (logz - picked) * mask
     count = mask.sum()
     return nll.sum() / jnp.maximum(count, 1.0), count.astype(jnp.int32)
+
+
+def lm_loss_chunked(
+    model: MLLM,
+    llm_params: Any,
+    hidden: Float[Array, "b l d"],
+    input_ids: Int[Array, "b l"],
+    loss_mask: Bool[Array, "b l"],
+    chunk: int,
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """Sum (not mean) of the next-token losses and the target count, never holding [b, l, vocab].
+
+    The LM head runs on ``chunk`` positions at a time inside a rematerialised scan: with Gemma's
+    256k vocabulary the full float32 logits of one 2048-token sample are 2 GiB, so stage 1 at
+    batch 256 cannot hold them; the backward pass recomputes each chunk's logits instead.
+    """
+    b, l, d = hidden.shape
+    h = hidden[:, :-1]
+    targets = input_ids[:, 1:]
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    n = l - 1
+    pad = (-n) % chunk
+    if pad:
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    c = (n + pad) // chunk
+    h = h.reshape(b, c, chunk, d).swapaxes(0, 1)
+    targets = targets.reshape(b, c, chunk).swapaxes(0, 1)
+    mask = mask.reshape(b, c, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(carry, xs):
+        hc, tc, mc = xs
+        logits = model.llm.apply({"params": llm_params}, hc, method="head").astype(jnp.float32)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+        return carry + ((logz - picked) * mc).sum(), None
+
+    total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), (h, targets, mask))
+    return total, mask.sum()
