@@ -96,6 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.num_epochs = 1.0
     c.train.num_steps = -1  # > 0 overrides num_epochs
     c.train.trainable = ("adapter", "log_tau")
+    c.train.microbatches = 1  # L_lm accumulated over this many slices of the global batch (exact)
+    c.train.logits_chunk = 0  # > 0: LM head on this many positions at a time (large vocabularies)
     c.train.init_from = ""  # stage 2: a stage-1 workdir whose adapter (and tau) to start from
     c.train.log_every = 10
     c.train.checkpoint_every = 500

@@ -435,6 +435,11 @@ def train(config, workdir: str) -> dict:
 
     # --- setup ---------------------------------------------------------------------------------
     sharding.init_distributed()
+    if "demo" in config:
+        # The embedded demo: generated world, tokenizers and word list, built once in the workdir.
+        from sea_jax import demo
+
+        config = demo.prepare(config, workdir)
     check_paths(config, workdir)
     run = run_dir(workdir, config.stage)
     is_main = jax.process_index() == 0
@@ -460,6 +465,7 @@ def train(config, workdir: str) -> dict:
         lam=float(config.sea.lam), window=int(config.sea.window), top_n=int(config.labels.top_n),
         negate_similarity=bool(config.labels.negate_similarity), label_source=config.sea.label_source,
         tau_min=float(config.sea.tau_min), trainable=tuple(config.train.trainable), seed=int(config.seed),
+        microbatches=int(config.train.microbatches), logits_chunk=int(config.train.logits_chunk),
     )
     trainable, frozen = split_params(model.params, scfg.trainable)
     logging.info("model built in %.1fs: trainable %s (%d params), frozen %s", time.time() - t0, sorted(trainable),

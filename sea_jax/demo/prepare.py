@@ -1,0 +1,160 @@
+"""``prepare(config, workdir)``: the demo's assets, built once per workdir, and the config that uses them.
+
+``sea_jax.train.train`` calls it first when the config has a ``demo`` section
+(``configs/demo.py``). It writes under ``<workdir>/demo_assets/``::
+
+    world/            the generated world, its tokenizers and word list (sea_jax.demo.assets)
+    world/DONE.json   written last: what was built (the fingerprint) and the tokenizer sizes
+
+and returns a copy of the config whose empty paths point there (``llm.tokenizer``,
+``siglip.tokenizer``, ``labels.word_list``, ``data.json`` (stage 1: captions, stage 2: the
+question/answer conversations), ``data.image_root``) and whose random-init models fit the
+tokenizers (``llm.overrides.vocab_size``, ``siglip.overrides.vocab_size``) and the world
+(``siglip.image_size`` = ``demo.image_size``). A path the user set stays as set.
+
+Caching: each step of the build is a folder with a ``DONE.json`` marker holding the fingerprint
+of what it was built from. A second call finds the marker and rewrites nothing; a marker with a
+different fingerprint (the same workdir with another world) is an error rather than a silent
+rebuild, since the workdir's checkpoints were trained on the old world. A step interrupted midway
+left only a ``*.partial-*`` folder (the build happens there and is renamed into place, marker
+included), which the next call discards. Later steps (the tiny SigLIP and LM pretraining of
+issue 8) add themselves to :func:`prepare` as further :func:`cached_step` calls.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from absl import logging
+
+from sea_jax.demo import assets as assets_lib
+from sea_jax.demo import world as world_lib
+
+MARKER = "DONE.json"
+# Bump when the world's generator or the asset formats change: old caches then fail loudly.
+VERSION = 1
+
+
+def assets_dir(workdir: str) -> str:
+    return os.path.join(workdir, "demo_assets")
+
+
+def world_config(config) -> world_lib.WorldConfig:
+    """The world's geometry from ``config.demo`` and the SigLIP patch size of ``config.siglip``'s
+    variant (the truth grid is the patch grid; a SigLIP checkpoint must have that patch size)."""
+    from sea_jax.models import siglip
+
+    d = config.demo
+    patch = siglip.siglip_config(config.siglip.variant, image_size=int(d.image_size),
+                                 **dict(config.siglip.get("overrides", None) or {})).patch_size
+    return world_lib.WorldConfig(image_size=int(d.image_size), patch_size=int(patch),
+                                 max_objects=int(d.max_objects), qa_turns=int(d.qa_turns))
+
+
+def read_marker(folder: str) -> dict | None:
+    path = os.path.join(folder, MARKER)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def cached_step(folder: str, fingerprint: dict, build: Callable[[str], dict]) -> dict:
+    """Runs ``build(tmp_folder) -> info`` unless ``folder`` holds a marker with ``fingerprint``;
+    returns the marker's ``info``.
+
+    The build writes into a private temporary folder, then the marker, then the folder is renamed
+    to ``folder``: a reader never sees a half-built folder under the final name, and several
+    processes (hosts of a multi-host run, with or without a shared disk) may race, the first rename
+    wins and the others discard their identical copy.
+    """
+    fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as the marker reads back
+    done = read_marker(folder)
+    if done is not None:
+        if done["fingerprint"] != fingerprint:
+            raise ValueError(
+                f"{folder} was built from {done['fingerprint']}, the config asks for {fingerprint}; "
+                "use another --workdir (its checkpoints were trained on the old assets) or delete the folder")
+        return done["info"]
+    if os.path.isdir(folder):  # no marker: an older crash left a half-built folder under the final name
+        shutil.rmtree(folder)
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tag = f".partial-{socket.gethostname()}-{os.getpid()}"
+    for name in os.listdir(parent):  # our own leftovers from an interrupted build
+        if name.startswith(os.path.basename(folder) + ".partial-") and name.endswith(tag):
+            shutil.rmtree(os.path.join(parent, name))
+    tmp = folder + tag
+    info = build(tmp)
+    with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
+        json.dump({"fingerprint": fingerprint, "info": info}, f, indent=1)
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        # another process renamed its copy first; it must be the same build
+        shutil.rmtree(tmp)
+        done = read_marker(folder)
+        if done is None or done["fingerprint"] != fingerprint:
+            raise
+        return done["info"]
+    return info
+
+
+def _build_world(config, cfg: world_lib.WorldConfig) -> Callable[[str], dict]:
+    d = config.demo
+
+    def build(tmp: str) -> dict:
+        paths = assets_lib.build_assets(
+            tmp, cfg, seed=int(d.seed), num_images=int(d.num_images), num_eval=int(d.num_eval),
+            text_len=int(config.siglip.overrides.text_len), siglip_vocab=int(d.siglip_vocab))
+        from sea_jax.tokenizer import load_tokenizer
+
+        return {"llm_vocab": len(load_tokenizer(paths.llm_tokenizer)),
+                "siglip_vocab": len(load_tokenizer(paths.siglip_tokenizer))}
+
+    return build
+
+
+def prepare(config, workdir: str):
+    """Builds (or finds) the demo assets under ``<workdir>/demo_assets`` and returns a copy of
+    ``config`` using them (see the module docstring). Idempotent."""
+    import jax
+
+    cfg = world_config(config)
+    d = config.demo
+    folder = os.path.join(assets_dir(workdir), "world")
+    fingerprint = {"version": VERSION, "world": dataclasses.asdict(cfg), "seed": int(d.seed), "num_images": int(d.num_images),
+                   "num_eval": int(d.num_eval), "text_len": int(config.siglip.overrides.text_len),
+                   "siglip_vocab": int(d.siglip_vocab)}
+    info = cached_step(folder, fingerprint, _build_world(config, cfg))
+    paths = assets_lib.Assets.at(folder)
+    if jax.process_index() == 0:
+        logging.info("demo assets in %s: %d training images, %d held out", folder, int(d.num_images), int(d.num_eval))
+    return _fill(config, paths, info)
+
+
+def _fill(config, paths: assets_lib.Assets, info: dict[str, Any]):
+    c = config.copy_and_resolve_references()
+
+    def fill(section, field: str, value: Any) -> None:
+        if not section[field]:
+            section[field] = value
+
+    with c.unlocked():
+        if not c.llm.checkpoint:
+            fill(c.llm, "tokenizer", paths.llm_tokenizer)
+            c.llm.overrides.vocab_size = int(info["llm_vocab"])  # "<image>" is added by the trainer
+        if not c.siglip.checkpoint:
+            fill(c.siglip, "tokenizer", paths.siglip_tokenizer)
+            c.siglip.overrides.vocab_size = int(info["siglip_vocab"])
+        c.siglip.image_size = int(c.demo.image_size)
+        if c.labels.word_list in ("", "demo"):
+            c.labels.word_list = paths.word_list
+        fill(c.data, "json", paths.stage2_json if int(c.stage) == 2 else paths.stage1_json)
+        fill(c.data, "image_root", paths.image_root)
+    return c

@@ -1,0 +1,207 @@
+"""The demo's generated world, its assets, ``sea_jax.demo.prepare`` and a short stage-1 run on them.
+
+What is shown:
+* the world is a function of (seed, index); the per-patch truth agrees with the geometry, checked
+  independently of the renderer's id map (every sub-pixel of the patch inside the shape) and with
+  the pixels (a patch a shape fully covers has that shape's colour);
+* the assets load through the code a real run uses (tokenizers, ``parse_record``, the chat
+  encoder, the word-list loader);
+* ``prepare`` writes once: a second call rewrites nothing, a different world in the same workdir
+  is refused, a half-built folder is replaced;
+* ``prepare`` then ``train`` runs stage 1 with SEA on, finite losses.
+"""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from sea_jax.demo import world as W
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def demo_config(arg=None, **demo):
+    spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, "configs", "demo.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(arg)
+    c.demo.update({"num_images": 24, "num_eval": 4, **demo})
+    c.lock()  # as the CLI hands it over: prepare must not need to add fields
+    return c
+
+
+CFG = W.WorldConfig()
+
+
+def test_world_is_a_function_of_seed_and_index():
+    a, b = W.sample(CFG, 3, 7), W.sample(CFG, 3, 7)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.shape_word, b.shape_word)
+    assert a.caption == b.caption and a.conversation == b.conversation
+    others = [W.sample(CFG, 4, 7), W.sample(CFG, 3, 8)]
+    assert all(not np.array_equal(a.image, o.image) for o in others)
+    assert a.image.shape == (64, 64, 3) and a.image.dtype == np.uint8
+    assert a.shape_word.shape == a.colour_word.shape == a.object_map.shape == (CFG.grid, CFG.grid) == (8, 8)
+
+
+def _covered(obj, patch_x, patch_y, cfg):
+    """Share of the patch's sub-pixels inside ``obj``, from the shape's geometry alone."""
+    ss = cfg.supersample
+    c = (np.arange(cfg.patch_size * ss) + 0.5) / ss
+    x, y = np.meshgrid(patch_x * cfg.patch_size + c, patch_y * cfg.patch_size + c)
+    return W.shape_mask(obj.kind, x - obj.x, y - obj.y, obj.r).mean()
+
+
+def test_patch_truth_matches_geometry_and_pixels():
+    words = W.label_words()
+    full = empty = 0
+    for i in range(30):
+        s = W.sample(CFG, 0, i)
+        assert 1 <= len(s.scene.objects) <= CFG.max_objects
+        # every object wins at least one patch (the caption names nothing invisible)
+        assert set(np.unique(s.object_map[s.object_map > 0])) == set(range(1, len(s.scene.objects) + 1))
+        for py in range(CFG.grid):
+            for px in range(CFG.grid):
+                cover = [_covered(o, px, py, CFG) for o in s.scene.objects]
+                inside = [k for k, f in enumerate(cover) if f == 1.0]
+                if inside:
+                    o = s.scene.objects[inside[-1]]  # the topmost shape covering the whole patch
+                    assert words[s.shape_word[py, px]] == o.kind, (i, py, px)
+                    assert words[s.colour_word[py, px]] == o.colour, (i, py, px)
+                    assert s.coverage[py, px] == 1.0
+                    # the pixels agree (rows are y): the shape's colour up to the sensor noise
+                    patch = s.image[py * 8:(py + 1) * 8, px * 8:(px + 1) * 8].reshape(-1, 3).mean(0)
+                    np.testing.assert_allclose(patch, o.rgb, atol=4)
+                    full += 1
+                elif max(cover, default=0.0) == 0.0:
+                    assert words[s.shape_word[py, px]] == words[s.colour_word[py, px]] == s.scene.background
+                    assert s.object_map[py, px] == 0
+                    empty += 1
+    assert full > 50 and empty > 500  # both cases were really exercised
+
+
+def test_text_describes_the_scene():
+    for i in range(20):
+        s = W.sample(CFG, 1, i)
+        objs = sorted(s.scene.objects, key=lambda o: o.x)
+        assert s.caption.endswith(f" on {s.scene.background}")
+        # named left to right, each with its size, colour and kind
+        pos = [s.caption.index(f"{o.size} {o.colour} {o.kind}") for o in objs]
+        assert pos == sorted(pos)
+        kinds = {o.kind: o for o in s.scene.objects}
+        assert 1 <= len(s.conversation) <= CFG.qa_turns
+        for q, a in s.conversation:
+            if q == "how many shapes are there?":
+                assert a == W.NUMBERS[len(objs) - 1]
+            elif q.startswith("what colour is the "):
+                assert a == kinds[q[len("what colour is the "):-1]].colour
+            elif q.startswith("is there a "):
+                assert a == ("yes" if q[len("is there a "):-1] in kinds else "no")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from sea_jax.demo import prepare
+
+    wd = tmp_path_factory.mktemp("demo")
+    config = demo_config()
+    return wd, config, prepare(config, str(wd))
+
+
+def test_assets_load_with_the_run_code(prepared):
+    from sea_jax import labels as labels_cli
+    from sea_jax.align import labels as L
+    from sea_jax.align.loss import tokenize_words
+    from sea_jax.data import llava
+    from sea_jax.tokenizer import load_tokenizer
+
+    wd, config, c = prepared
+    tok = load_tokenizer(c.llm.tokenizer)
+    assert "<image>" not in tok.get_vocab()  # the trainer adds it
+    assert c.llm.overrides.vocab_size == len(tok) and tok.bos_token == "<bos>" and tok.pad_token == "<pad>"
+    records = json.load(open(c.data.json))
+    assert len(records) == 24 and c.data.json.endswith("stage1.json")
+    for k, r in enumerate(records):
+        rec = llava.parse_record(r, k)
+        assert os.path.exists(os.path.join(c.data.image_root, rec.image))
+        cap = rec.messages[1]["content"]
+        assert tok.decode(tok(cap, add_special_tokens=False)["input_ids"]) == cap
+    # every word a patch can truly be is one token mid-sentence: Eq. 8's label embedding is one row
+    truth_words = [*W.KINDS, *W.COLOURS, *W.BACKGROUNDS]
+    wt = tokenize_words(tok, truth_words)
+    assert (np.asarray(wt.mask).sum(1) == 1).all()
+    assert L.load_word_list(c.labels.word_list) == W.label_words()
+
+    # stage 2: every conversation encodes with the chat template, loss on the answers only
+    image = llava.add_image_token(tok)
+    enc = llava.Encoder(tok, "chat", image.id, 64, 160)
+    conv = json.load(open(os.path.join(os.path.dirname(c.data.json), "stage2.json")))
+    assert any(len(r["conversations"]) > 2 for r in conv)  # multi-turn
+    for k, r in enumerate(conv):
+        rec = llava.parse_record(r, k)
+        e = enc.encode(rec)
+        supervised = tok.decode(np.asarray(e.input_ids)[np.asarray(e.loss_mask, bool)])
+        for m in rec.messages[1::2]:
+            assert m["content"] in supervised
+        assert "what" not in supervised and "<image>" not in supervised
+
+    sig_tok, _ = labels_cli.load_tokenizer(c.siglip)
+    assert c.siglip.overrides.vocab_size == len(sig_tok)
+    ids = sig_tok(["circle", "a small red circle on stripes"], padding="max_length", max_length=16)["input_ids"]
+    assert max(max(i) for i in ids) < len(sig_tok) and ids[0] != ids[1]
+
+    truth = np.load(os.path.join(os.path.dirname(c.data.json), "truth.npz"))
+    assert truth["shape_word"].shape == (28, 8, 8) and list(truth["split"]) == [0] * 24 + [1] * 4
+    np.testing.assert_array_equal(truth["colour_word"][5], W.sample(CFG, 0, 5).colour_word)
+
+
+def _mtimes(folder):
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(folder) for f in fs}
+
+
+def test_prepare_is_idempotent_and_refuses_another_world(prepared, tmp_path):
+    from sea_jax.demo import prepare
+    from sea_jax.demo.prepare import assets_dir
+
+    wd, config, c = prepared
+    before = _mtimes(assets_dir(str(wd)))
+    again = prepare(config, str(wd))
+    assert _mtimes(assets_dir(str(wd))) == before
+    assert again.to_dict() == c.to_dict()
+    # stage 2 reads the conversations from the same assets
+    c2 = prepare(demo_config("stage2"), str(wd))
+    assert c2.data.json.endswith("stage2.json") and c2.llm.tokenizer == c.llm.tokenizer
+    assert _mtimes(assets_dir(str(wd))) == before
+    # a path the user set is kept
+    mine = demo_config()
+    with mine.unlocked():
+        mine.data.json = "/elsewhere/x.json"
+    assert prepare(mine, str(wd)).data.json == "/elsewhere/x.json"
+    with pytest.raises(ValueError, match="another --workdir"):
+        prepare(demo_config(seed=1), str(wd))
+
+    # a crash mid-build leaves no marker: the next call rebuilds instead of trusting it
+    other = tmp_path / "wd"
+    half = other / "demo_assets" / "world"
+    half.mkdir(parents=True)
+    (half / "stage1.json").write_text("[")
+    c3 = prepare(demo_config(num_images=4, num_eval=1), str(other))
+    assert len(json.load(open(c3.data.json))) == 4 and os.path.exists(half / "DONE.json")
+
+
+def test_prepare_then_train_stage1(prepared):
+    from sea_jax import train
+
+    wd, _, c = prepared
+    with c.unlocked():
+        c.train.update(num_steps=3, batch_size=8, log_every=1, checkpoint_every=0, progress=False,
+                       async_checkpoint=False)
+    out = train.train(c, str(wd))
+    assert out["step"] == 3 and out["stopped"] == "done"
+    rows = [json.loads(line) for line in open(os.path.join(wd, "stage1", "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert np.isfinite([r["loss"], r["lm_loss"], r["align_loss"]]).all()
+        assert r["align_loss"] > 0 and r["unique_labels"] > 0  # SEA really on
