@@ -147,6 +147,15 @@ def tree_shardings(abstract_boxed_tree, mesh: Mesh, rules: LogicalRules = DEFAUL
     return jax.tree.map(one, names, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def placements(abstract_boxed_tree, mesh: Mesh | None, rules: LogicalRules = DEFAULT_RULES):
+    """Where loaders put each leaf: its logical sharding on ``mesh``, or the first local device
+    when there is no mesh. Same (unboxed) structure as the tree."""
+    if mesh is not None:
+        return tree_shardings(abstract_boxed_tree, mesh, rules)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda _: device, nn.unbox(abstract_boxed_tree))
+
+
 # ----------------------------------------------------------------------------------------------
 # Activation constraints
 

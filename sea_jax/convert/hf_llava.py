@@ -513,11 +513,7 @@ def load_llava_params(
     plist = llava_param_mapping(cfg, naming)
     abstract = abstract_params(cfg)
     expected = nn.unbox(abstract)
-    if mesh is not None:
-        shardings = sharding.tree_shardings(abstract, mesh, rules)
-    else:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, expected)
+    shardings = sharding.placements(abstract, mesh, rules)
     head = _NAMINGS[naming][3]
     params = mapping.load(plist, reader, shardings=shardings, dtype=dtype, expected=expected)
     ignore = lambda n: n.endswith("rotary_emb.inv_freq") or (cfg.llm.tie_embeddings and n == head)  # noqa: E731

@@ -314,11 +314,7 @@ def load_params(
     """
     abstract = llm.abstract_variables(cfg)["params"]
     expected = nn.unbox(abstract)
-    if mesh is not None:
-        shardings = sharding.tree_shardings(abstract, mesh, rules)
-    else:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, expected)
+    shardings = sharding.placements(abstract, mesh, rules)
     params_map = hf_param_mapping(cfg, prefix=prefix, lm_head=lm_head)
     params = mapping.load(params_map, reader, shardings=shardings, dtype=np.dtype(cfg.param_dtype), expected=expected)
     if warn_unused:
