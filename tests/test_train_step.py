@@ -315,7 +315,6 @@ def test_no_global_pair_matrix_at_stage1_scale():
     scfg = StepConfig(lam=1.0, label_source="on_the_fly", top_n=TOP_N)
     tx, sched = make_optimizer(1e-3, total_steps=10)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    from sea_jax.models import adapter as adapter_lib
     from sea_jax.models import llm as llm_lib
     from sea_jax.models import siglip as siglip_lib
     from sea_jax.train_step import TrainState, batch_shardings

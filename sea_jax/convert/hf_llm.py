@@ -238,7 +238,7 @@ def hf_param_mapping(cfg: LLMConfig, prefix: str = "model.", lm_head: str = "lm_
       prefix: HF name prefix of the decoder (``"model."`` for *ForCausalLM; Llava nests it).
       lm_head: HF name of the output projection (unused when embeddings are tied).
     """
-    H, K, D, E, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden, cfg.mlp_dim
+    H, K, D, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
     layer: list[tuple[tuple[str, ...], str, Any, tuple[int, int, int] | None]] = []
     if cfg.family == "phi3":
         qkv = "self_attn.qkv_proj.weight"

@@ -68,7 +68,7 @@ import grain
 import numpy as np
 
 from sea_jax.data import images as image_lib
-from sea_jax.data.llava import SKIP_REASONS, Encoder, Record, SkipSample, parse_record, record_id
+from sea_jax.data.llava import SKIP_REASONS, Encoder, SkipSample, parse_record, record_id
 
 log = logging.getLogger("sea_jax.data")
 
