@@ -67,7 +67,7 @@ def stage2(llm_placeholder: str, preset: str, arg: str | None = None):
     if arg == "prime":
         c.train.trainable = ("adapter", "llm", "vision")
         c.optim.group_lr = {"vision": 2e-6}
-        c.siglip.overrides = {"remat": True}
+        c.siglip.overrides.update(remat=True)
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; expected 'prime' or nothing")
     return c

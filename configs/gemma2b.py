@@ -15,5 +15,13 @@ def get_config(arg=None):
     if arg:
         raise ValueError(f"{__name__} takes no config argument, got {arg!r}")
     c = _recipe.stage1("google/gemma-2b HF folder", "gemma_2b")
-    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}  # 2B fits on every chip: pure data parallel
+    # Measured with `python -m sea_jax.aot --config=configs/gemma2b.py --topology=v4-8` (29.9 of 32 GiB
+    # per chip, benchmarks/results/aot_table.md): FSDP keeps the frozen fp32 LLM from sitting whole on
+    # every chip; 16 microbatches + the chunked LM head keep Gemma's 256k-vocab logits and the
+    # 2048-token activations small while L_a still spans the whole global batch of 256.
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    c.llm.remat = "full"
+    c.siglip.overrides.update(scan=True)
+    c.train.microbatches = 16
+    c.train.logits_chunk = 512
     return c

@@ -16,5 +16,5 @@ import _recipe  # noqa: E402
 
 def get_config(arg=None):
     c = _recipe.stage2("google/gemma-2b HF folder", "gemma_2b", arg)
-    c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}  # the LLM is trained: FSDP over its optimizer state
+    c.mesh.update(data=1, fsdp=-1, tensor=1)  # the LLM is trained: FSDP over its optimizer state
     return c

@@ -16,5 +16,5 @@ import _recipe  # noqa: E402
 
 def get_config(arg=None):
     c = _recipe.stage2("microsoft/Phi-3-mini-4k-instruct HF folder", "phi3_mini", arg)
-    c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}  # the LLM is trained: FSDP over its optimizer state
+    c.mesh.update(data=1, fsdp=-1, tensor=1)  # the LLM is trained: FSDP over its optimizer state
     return c

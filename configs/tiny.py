@@ -24,7 +24,7 @@ from sea_jax.config import base_config
 def get_config(arg=None):
     c = base_config()
     c.seed = 0
-    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+    c.mesh.update(data=-1, fsdp=1, tensor=1)
     c.llm.preset = "gemma_2b"
     c.llm.overrides = ml_collections.ConfigDict(dict(
         vocab_size=128, hidden=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64, max_positions=256))

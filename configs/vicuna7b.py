@@ -15,5 +15,5 @@ def get_config(arg=None):
     if arg:
         raise ValueError(f"{__name__} takes no config argument, got {arg!r}")
     c = _recipe.stage1("lmsys/vicuna-7b-v1.5 HF folder", "vicuna_7b")
-    c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}  # 7-8B: shard weights and optimizer state (FSDP)
+    c.mesh.update(data=1, fsdp=-1, tensor=1)  # 7-8B: shard weights and optimizer state (FSDP)
     return c

@@ -16,6 +16,6 @@ import _recipe  # noqa: E402
 
 def get_config(arg=None):
     c = _recipe.stage2("lmsys/vicuna-7b-v1.5 HF folder", "vicuna_7b", arg)
-    c.mesh = {"data": 1, "fsdp": -1, "tensor": 1}  # the LLM is trained: FSDP over its optimizer state
+    c.mesh.update(data=1, fsdp=-1, tensor=1)  # the LLM is trained: FSDP over its optimizer state
     c.data.chat_template = "vicuna_v1"  # Vicuna ships no chat template: LLaVA-1.5's conv_vicuna_v1
     return c

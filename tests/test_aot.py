@@ -1,0 +1,176 @@
+"""AOT compile of a tiny SEA train step for a TPU topology on this (CPU) host.
+
+Needs libtpu (the ``test`` extra pins the version jax expects); without it the TPU-compile tests
+skip with the reason. Topology mapping, mesh sizing and the memory arithmetic are tested without
+libtpu.
+"""
+import json
+import subprocess
+import sys
+import types
+
+import jax
+import pytest
+
+from sea_jax import aot
+from sea_jax.config import base_config
+
+TINY_LLM = dict(vocab_size=512, hidden=64, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=16, mlp_dim=128)
+TINY_SIGLIP = dict(
+    width=64, depth=2, mlp_dim=128, num_heads=4, text_width=64, text_depth=1, text_mlp_dim=128,
+    text_num_heads=4, out_dim=64,
+)
+
+
+def tiny_config(stage=1):
+    c = base_config()
+    c.llm.preset = "gemma_2b"
+    c.llm.overrides = dict(TINY_LLM)
+    c.siglip.variant = "B/16"
+    c.siglip.image_size = 64
+    c.siglip.overrides = dict(TINY_SIGLIP)
+    c.labels.default_size = 256
+    c.train.batch_size = 8
+    c.data.max_length = 64
+    if stage == 2:
+        c.train.trainable = ("adapter", "llm")
+        c.mesh.data, c.mesh.fsdp = 1, -1
+    return c
+
+
+def _need_libtpu():
+    ok, why = aot.libtpu_available()
+    if not ok:
+        print(f"SKIP reason: {why}")
+        pytest.skip(why)
+
+
+# ---------------------------------------------------------------------------------------------
+# Without libtpu
+
+
+@pytest.mark.parametrize(
+    "name, topology, chips, hosts, hbm",
+    [
+        ("v4-8", "v4:2x2x1", 4, 1, 32),
+        ("v4-32", "v4:2x2x4", 16, 4, 32),
+        ("v5e-16", "v5e:4x4", 16, 4, 16),
+        ("v5litepod-8", "v5e:2x4", 8, 1, 16),
+        ("v5e-256", "v5e:16x16", 256, 64, 16),
+        ("v5p-16", "v5p:2x2x2", 8, 2, 95),
+        ("v6e-8", "v6e:2x4", 8, 1, 32),
+    ],
+)
+def test_topology_table(name, topology, chips, hosts, hbm):
+    t = aot.get_topology(name)
+    assert (t.topology, t.chips, t.hosts, t.hbm_gib) == (topology, chips, hosts, hbm)
+
+
+def test_raw_topology_and_unknown():
+    t = aot.get_topology("v4:2x2x2")
+    assert (t.chips, t.hosts, t.hbm_gib, t.chip_config) == (8, 2, 32, "megacore")
+    with pytest.raises(KeyError):
+        aot.get_topology("v3-8")
+
+
+def test_resolve_mesh_sizes():
+    assert aot.resolve_mesh_sizes({"data": -1, "fsdp": 2, "tensor": 1}, 16) == {"data": 8, "fsdp": 2, "tensor": 1}
+    with pytest.raises(ValueError):
+        aot.resolve_mesh_sizes({"data": 3, "fsdp": 1, "tensor": 1}, 16)
+    with pytest.raises(ValueError):
+        aot.resolve_mesh_sizes({"data": -1, "fsdp": 3, "tensor": 1}, 16)
+
+
+def test_memory_totals_subtracts_donated_once():
+    stats = types.SimpleNamespace(
+        argument_size_in_bytes=100, output_size_in_bytes=90, alias_size_in_bytes=80,
+        temp_size_in_bytes=50, generated_code_size_in_bytes=7,
+    )
+    assert aot.memory_totals(stats)["total_bytes"] == 100 + 90 - 80 + 50 + 7
+
+
+def test_model_flops_stage2_exceeds_stage1():
+    """Training the LLM adds its weight gradients: 6N vs 4N per token on the LLM's matmuls."""
+    s1 = aot.spec_from_config(tiny_config(1))
+    s2 = aot.spec_from_config(tiny_config(2))
+    f1, f2 = aot.model_flops(s1), aot.model_flops(s2)
+    assert f2["llm"] > f1["llm"] and f1["labels"] > 0 and f2["total"] == pytest.approx(sum(v for k, v in f2.items() if k != "total"))
+    llm_tokens = s1.batch_size * s1.max_length
+    assert (f2["llm"] - f1["llm"]) / llm_tokens > 2 * TINY_LLM["vocab_size"] * TINY_LLM["hidden"]
+
+
+# ---------------------------------------------------------------------------------------------
+# With libtpu: a real TPU compile
+
+
+@pytest.fixture(scope="module")
+def stage1_report():
+    _need_libtpu()
+    return aot.compile_step(aot.spec_from_config(tiny_config(1)), "v4:2x2x1", config_name="tiny1")
+
+
+def test_tpu_compile_reports_memory(stage1_report):
+    r = stage1_report
+    assert r.devices == 4 and r.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
+    for field in ("argument_bytes", "output_bytes", "temp_bytes", "generated_code_bytes", "total_bytes"):
+        assert getattr(r, field) > 0, field
+    # The donated state is aliased into the outputs (step donates argument 0).
+    assert 0 < r.alias_bytes <= r.output_bytes
+    assert r.total_bytes == r.argument_bytes + r.output_bytes - r.alias_bytes + r.temp_bytes + r.generated_code_bytes
+    assert r.hbm_bytes == 32 * aot.GIB and r.fits and r.verdict == "FITS"
+    assert r.compiled_flops > 0 and r.compiled_flops == r.compiled_flops_per_device * 4
+    # XLA's count and the analytic one describe the same program: same order of magnitude.
+    assert 0.3 < r.compiled_flops / r.model_flops < 3, (r.compiled_flops, r.model_flops)
+    assert "VERDICT     FITS" in r.text()
+
+
+def test_margin_arithmetic(stage1_report):
+    r = stage1_report
+    assert r.margin_bytes == r.hbm_bytes - int(0.5 * aot.GIB) - r.total_bytes
+
+
+def test_parse_compiler_oom():
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+           "(212.22G) exceeds available HBM (30.75G).")
+    need, have = aot.parse_compiler_oom(msg)
+    assert need == int(212.22 * aot.GIB) and have == int(30.75 * aot.GIB)
+    assert aot.parse_compiler_oom("INTERNAL: something else") is None
+
+
+def test_cli_does_not_fit_exits_1_with_json(tmp_path):
+    """A batch whose logits alone (4096 x 8192 x 512 float32 = 64 GiB, 16 GiB per chip) overflow
+    four 16 GiB v5e chips: the TPU compiler refuses it, the report says DOES NOT FIT with the
+    compiler's stated requirement, and the CLI exits 1."""
+    _need_libtpu()
+    cfg = tmp_path / "tiny_big.py"
+    cfg.write_text("from tests.test_aot import tiny_config\ndef get_config():\n    return tiny_config(1)\n")
+    cmd = [sys.executable, "-m", "sea_jax.aot", f"--config={cfg}", "--topology=v5e:2x2", "--json",
+           "--config.train.batch_size=4096", "--config.data.max_length=8192"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(_repo_root()))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["verdict"] == "DOES NOT FIT" and out["hbm_bytes"] == 16 * aot.GIB and out["devices"] == 4
+    assert out["temp_bytes"] > 16 * aot.GIB and out["margin_bytes"] < 0
+    assert "RESOURCE_EXHAUSTED" in out["compiler_error"] and out["argument_bytes"] > 0
+
+
+def test_fsdp_sharding_shrinks_per_chip_arguments():
+    """Stage 2 trains the LLM: FSDP over 4 chips keeps a quarter of its parameters and Adam moments
+    (12 bytes a parameter) per chip instead of all of them, in the compiled program too (the mesh
+    reaches the compile). Norm scales stay replicated, hence 0.6 of the 9 bytes saved."""
+    _need_libtpu()
+    from sea_jax.models import llm as llm_lib
+
+    rep = tiny_config(2)
+    rep.mesh.data, rep.mesh.fsdp = -1, 1
+    r_rep = aot.compile_step(aot.spec_from_config(rep), "v4:2x2x1")
+    r_fsdp = aot.compile_step(aot.spec_from_config(tiny_config(2)), "v4:2x2x1")
+    assert r_fsdp.mesh == {"data": 1, "fsdp": 4, "tensor": 1} and r_rep.mesh["data"] == 4
+    n_llm = llm_lib.param_count(aot.spec_from_config(rep).model.llm)
+    assert r_rep.argument_bytes - r_fsdp.argument_bytes > 0.6 * 12 * n_llm
+
+
+def _repo_root():
+    import pathlib
+
+    return pathlib.Path(__file__).resolve().parents[1]
