@@ -22,6 +22,7 @@ re-create the slice, reinstall, relaunch the same command.
 from __future__ import annotations
 
 import argparse
+import re
 import dataclasses
 import shlex
 import subprocess
@@ -128,11 +129,21 @@ VENV = "~/sea_venv"
 RUN_DIR = "~/sea_run"
 
 
+# gcsfuse from Google's apt repository (Cloud Storage FUSE's documented install), skipped when present.
+GCSFUSE_INSTALL = (
+    "{ command -v gcsfuse >/dev/null || { "
+    "echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt "
+    "gcsfuse-$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && "
+    "curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && "
+    "sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }; }"
+)
+
+
 def install_cmds(args) -> list[list[str]]:
     """Ships the code (a ``git archive`` of HEAD, or a pip spec via ``--package``) and installs it
     with ``jax[tpu]`` into a venv on every worker. HEAD, not the dirty tree: what runs is a commit."""
     pip = f"{VENV}/bin/pip install -q"
-    setup = f"python3 -m venv {VENV} && {pip} -U pip && {pip} 'jax[tpu]=={args.jax_version}'"
+    setup = f"{GCSFUSE_INSTALL} && python3 -m venv {VENV} && {pip} -U pip && {pip} 'jax[tpu]=={args.jax_version}'"
     if args.package:
         return [ssh_cmd(args, f"{setup} && {pip} {shlex.quote(args.package)}")]
     tarball = "/tmp/sea_jax_src.tar.gz"
@@ -161,10 +172,44 @@ def env_vars(args) -> dict[str, str]:
     return env
 
 
+GCS_MOUNT = "/gcs"
+
+
+def _gcs_localize(arg: str) -> tuple[str, set[str]]:
+    """``gs://bucket/path`` anywhere in an argument (``--workdir=gs://b/r``) -> ``/gcs/bucket/path``,
+    and the buckets it names. sea_jax reads and writes plain files (HF folders, Orbax, logs), so
+    the workers mount every bucket a run names with gcsfuse and the run sees local paths."""
+    buckets: set[str] = set()
+
+    def repl(m):
+        buckets.add(m.group(1))
+        return f"{GCS_MOUNT}/{m.group(1)}"
+
+    return re.sub(r"gs://([a-z0-9][a-z0-9._-]*)", repl, arg), buckets
+
+
+def train_argv(args) -> tuple[list[str], set[str]]:
+    """(argv of ``python -m sea_jax.train`` with gs:// paths mounted, the buckets to mount)."""
+    argv, buckets = [], set()
+    for a in [f"--config={args.config}", f"--workdir={args.workdir}", *(args.extra or ())]:
+        local, b = _gcs_localize(a)
+        argv.append(local)
+        buckets |= b
+    return [f"{VENV}/bin/python", "-m", "sea_jax.train", *argv], buckets
+
+
+def mount_command(buckets: set[str]) -> str:
+    """Mounts each bucket at /gcs/<bucket> on a worker (idempotent: a mounted one is left alone)."""
+    return " && ".join(
+        f"sudo mkdir -p {GCS_MOUNT}/{b} && sudo chown $USER {GCS_MOUNT}/{b} && "
+        f"{{ mountpoint -q {GCS_MOUNT}/{b} || gcsfuse --implicit-dirs {b} {GCS_MOUNT}/{b}; }}"
+        for b in sorted(buckets)
+    )
+
+
 def train_command(args) -> str:
     """``python -m sea_jax.train`` as every worker runs it (same argv on all workers: JAX is SPMD)."""
-    argv = [f"{VENV}/bin/python", "-m", "sea_jax.train", f"--config={args.config}", f"--workdir={args.workdir}",
-            *(args.extra or ())]
+    argv, _ = train_argv(args)
     return " ".join(shlex.quote(a) if not a.startswith("~/") else a for a in argv)
 
 
@@ -181,9 +226,11 @@ def train_cmds(args) -> list[list[str]]:
     # after worker 0 crashed): setsid made its shell a process-group leader, so the group is
     # killed by the pid it recorded, nothing else.
     stop = f"if [ -f {RUN_DIR}/pid ]; then kill -- -$(cat {RUN_DIR}/pid) 2>/dev/null; sleep 5; fi"
+    _, buckets = train_argv(args)
+    mounts = f"{mount_command(buckets)} && " if buckets else ""
     remote = (
         f"mkdir -p {RUN_DIR} && {{ {stop}; }}; rm -f {RUN_DIR}/exit_code {RUN_DIR}/pid"
-        f" && setsid nohup bash -c {shlex.quote(inner)} > /dev/null 2>&1 < /dev/null &"
+        f" && {mounts}setsid nohup bash -c {shlex.quote(inner)} > /dev/null 2>&1 < /dev/null &"
     )
     return [ssh_cmd(args, remote)]
 

@@ -110,9 +110,25 @@ def test_train_starts_all_workers_with_env_and_extra_flags():
     inner = shlex.split(remote.split("setsid nohup bash -c ", 1)[1])[0]
     assert inner.startswith("echo $$ > ~/sea_run/pid; cd ~/sea_jax && env PYTHONUNBUFFERED=1 TPU_STDERR_LOG_LEVEL=2 "
                             "TF_CPP_MIN_LOG_LEVEL=2 LIBTPU_INIT_ARGS=--xla_tpu_enable_data_parallel_all_reduce_opt=true ")
-    assert ("~/sea_venv/bin/python -m sea_jax.train --config=configs/gemma2b.py --workdir=gs://b/run1 "
+    # gs:// paths become the workers' gcsfuse mounts (sea_jax reads and writes plain files)
+    assert ("~/sea_venv/bin/python -m sea_jax.train --config=configs/gemma2b.py --workdir=/gcs/b/run1 "
             "--config.train.batch_size=128 > ~/sea_run/train.log 2>&1; echo $? > ~/sea_run/exit_code") in inner
     assert remote.startswith("mkdir -p ~/sea_run && { if [ -f ~/sea_run/pid ]; then kill -- -$(cat ~/sea_run/pid)")
+    assert ("sudo mkdir -p /gcs/b && sudo chown $USER /gcs/b && { mountpoint -q /gcs/b || "
+            "gcsfuse --implicit-dirs b /gcs/b; } && setsid nohup") in remote
+
+
+def test_every_bucket_a_run_names_is_mounted():
+    cmds = dry("train", "--name=s", "--slice=v4-8", "--config=configs/gemma2b.py", "--workdir=gs://runs/r1", "--",
+               "--config.llm.checkpoint=gs://models/gemma-2b", "--config.data.json=/local/data.json")
+    remote = cmds[0][8].removeprefix("--command=")
+    assert remote.count("gcsfuse --implicit-dirs") == 2
+    assert "gcsfuse --implicit-dirs models /gcs/models" in remote and "gcsfuse --implicit-dirs runs /gcs/runs" in remote
+    assert "--config.llm.checkpoint=/gcs/models/gemma-2b --config.data.json=/local/data.json" in remote
+    assert "gs://" not in remote
+    # local paths only: nothing to mount
+    local = dry("train", "--name=s", "--slice=v4-8", "--config=c.py", "--workdir=/mnt/run")[0][8]
+    assert "gcsfuse" not in local
 
 
 def test_logs_follow_worker_zero_by_default():
