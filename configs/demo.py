@@ -15,7 +15,10 @@ on-the-fly SigLIP labels, checkpoints) as for ``configs/gemma2b.py``.
 (training images, each with a caption and a conversation), ``num_eval`` (held-out images),
 ``image_size`` (pixels; also SigLIP's input size; with patch 8 the grid is image_size / 8),
 ``max_objects`` (1..4 shapes per image), ``qa_turns`` (questions per conversation, at most),
-``siglip_vocab`` (SentencePiece size ceiling). Changing any of them needs a fresh workdir.
+``siglip_vocab`` (SentencePiece size ceiling); ``pretrain`` (train the SigLIP with the sigmoid loss
+and the Gemma-architecture LM on the world first, ``sea_jax.demo.pretrain``; False = random towers),
+``siglip_steps``, ``siglip_lr``, ``llm_steps``, ``llm_lr``, ``pretrain_batch``. Changing any of
+them needs a fresh workdir.
 
 Fields added as in ``configs/tiny.py`` (not in ``base_config``): ``llm.overrides``,
 ``data.chat_template``, ``data.num_threads``, ``train.async_checkpoint``, ``train.progress``.
@@ -28,10 +31,12 @@ from sea_jax.config import base_config
 def get_config(arg=None):
     c = base_config()
     c.seed = 0
-    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+    c.mesh.update(data=-1, fsdp=1, tensor=1)
 
     c.demo = ml_collections.ConfigDict(dict(
-        seed=0, num_images=512, num_eval=64, image_size=64, max_objects=3, qa_turns=3, siglip_vocab=256))
+        seed=0, num_images=512, num_eval=64, image_size=64, max_objects=3, qa_turns=3, siglip_vocab=256,
+        # pretraining of the frozen towers on the world (sea_jax.demo.pretrain), cached in the workdir
+        pretrain=True, siglip_steps=200, siglip_lr=2e-3, llm_steps=150, llm_lr=3e-3, pretrain_batch=32))
 
     # Random Gemma-architecture LM; vocab_size is set by prepare from the world's tokenizer.
     c.llm.preset = "gemma_2b"

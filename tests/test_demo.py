@@ -8,7 +8,9 @@ What is shown:
   encoder, the word-list loader);
 * ``prepare`` writes once: a second call rewrites nothing, a different world in the same workdir
   is refused, a half-built folder is replaced;
-* ``prepare`` then ``train`` runs stage 1 with SEA on, finite losses.
+* ``prepare`` then ``train`` runs stage 1 with SEA on, finite losses;
+* the pretraining of the towers (``demo.pretrain``): the sigmoid loss against numpy, its losses go
+  down, and its HF folders load as the run's checkpoints.
 """
 import importlib.util
 import json
@@ -27,7 +29,7 @@ def demo_config(arg=None, **demo):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     c = mod.get_config(arg)
-    c.demo.update({"num_images": 24, "num_eval": 4, **demo})
+    c.demo.update({"num_images": 24, "num_eval": 4, "pretrain": False, **demo})
     c.lock()  # as the CLI hands it over: prepare must not need to add fields
     return c
 
@@ -205,3 +207,57 @@ def test_prepare_then_train_stage1(prepared):
     for r in rows:
         assert np.isfinite([r["loss"], r["lm_loss"], r["align_loss"]]).all()
         assert r["align_loss"] > 0 and r["unique_labels"] > 0  # SEA really on
+
+
+def test_sigmoid_loss_and_positives():
+    from sea_jax.demo import pretrain
+
+    caps = ["a small red circle on stripes", "a large blue square and a small red star on dots"]
+    texts = ["red", "a large blue square", caps[0], "star"]
+    np.testing.assert_array_equal(pretrain.positives(caps, texts), [[1, 0, 1, 0], [1, 1, 0, 1]])
+    assert pretrain.text_choices(caps[1])[:3] == [caps[1], "a large blue square", "a small red star"]
+    assert {"blue", "dots", "star"} <= set(pretrain.text_choices(caps[1]))
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
+    pos = np.asarray([[1, 0, 1], [0, 1, 0], [0, 0, 1]], np.float32)
+    t, bias = np.log(10.0), -3.0
+    cos = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+    z = 2 * pos - 1
+    want = np.sum(np.log1p(np.exp(-z * (cos * 10.0 + bias)))) / 3
+    got = pretrain.sigmoid_loss(a, b, np.asarray([t]), np.asarray([bias]), pos)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_pretrain_towers(prepared, tmp_path):
+    """A few pretraining steps on the small world: both losses go down, the folders load as the
+    run's checkpoints (with their tokenizers), a second prepare rewrites nothing."""
+    import shutil
+
+    from sea_jax import train
+    from sea_jax.convert import hf_siglip
+    from sea_jax.demo import prepare
+    from sea_jax.demo.prepare import assets_dir, read_marker
+
+    wd, _, _ = prepared
+    shutil.copytree(os.path.join(assets_dir(str(wd)), "world"), os.path.join(assets_dir(str(tmp_path)), "world"))
+    config = demo_config(pretrain=True, siglip_steps=24, llm_steps=24, pretrain_batch=8, siglip_lr=3e-3, llm_lr=1e-2)
+    c = prepare(config, str(tmp_path))
+    for part in ("siglip", "llm"):
+        info = read_marker(os.path.join(assets_dir(str(tmp_path)), part))["info"]
+        assert info["loss_last"] < 0.9 * info["loss_first"], (part, info)
+    assert c.siglip.checkpoint.endswith("siglip") and c.llm.checkpoint.endswith("llm")
+    sig_cfg, params = hf_siglip.load_hf_siglip(c.siglip.checkpoint)
+    assert sig_cfg.image_size == 64 and sig_cfg.width == 64 and float(params["b"][0]) != -10.0  # trained
+    before = _mtimes(assets_dir(str(tmp_path)))
+    assert prepare(config, str(tmp_path)).to_dict() == c.to_dict()
+    assert _mtimes(assets_dir(str(tmp_path))) == before
+    # the trainer builds its model from the folders: configs, tokenizers, vocabulary + <image>
+    model = train.build_model(c)
+    assert model.cfg.vision.width == 64 and model.cfg.llm.hidden == 64
+    from sea_jax.tokenizer import load_tokenizer
+
+    assert model.cfg.image_token_id == model.cfg.llm.vocab_size - 1 == len(load_tokenizer(c.llm.checkpoint))
+    from sea_jax import labels as labels_cli
+
+    tok, _ = labels_cli.load_tokenizer(c.siglip)
+    assert len(tok) == c.siglip.overrides.vocab_size

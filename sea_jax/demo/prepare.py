@@ -17,8 +17,18 @@ of what it was built from. A second call finds the marker and rewrites nothing; 
 different fingerprint (the same workdir with another world) is an error rather than a silent
 rebuild, since the workdir's checkpoints were trained on the old world. A step interrupted midway
 left only a ``*.partial-*`` folder (the build happens there and is renamed into place, marker
-included), which the next call discards. Later steps (the tiny SigLIP and LM pretraining of
-issue 8) add themselves to :func:`prepare` as further :func:`cached_step` calls.
+included), which the next call discards.
+
+With ``config.demo.pretrain`` (default True in ``configs/demo.py``) two more steps follow, each
+its own cached folder (:mod:`sea_jax.demo.pretrain`)::
+
+    siglip/   a tiny SigLIP trained on the world with the sigmoid loss, a HF SiglipModel folder
+    llm/      a tiny Gemma-architecture LM trained on the captions and conversations, HF folder
+
+and the returned config loads them as checkpoints (``siglip.checkpoint``, ``llm.checkpoint``,
+each folder holding its tokenizer) unless the user set a checkpoint. Their fingerprints hold the
+world's and the pretraining's settings (``demo.siglip_steps``, ``demo.llm_steps``, ...); a
+different one in the same workdir is refused like a different world.
 """
 from __future__ import annotations
 
@@ -135,10 +145,40 @@ def prepare(config, workdir: str):
     paths = assets_lib.Assets.at(folder)
     if jax.process_index() == 0:
         logging.info("demo assets in %s: %d training images, %d held out", folder, int(d.num_images), int(d.num_eval))
-    return _fill(config, paths, info)
+    pretrained = {}
+    if bool(d.get("pretrain", False)):
+        pretrained = _pretrain(config, workdir, paths, info, fingerprint)
+    return _fill(config, paths, info, pretrained)
 
 
-def _fill(config, paths: assets_lib.Assets, info: dict[str, Any]):
+def _pretrain(config, workdir: str, paths: assets_lib.Assets, info: dict, world_fp: dict) -> dict[str, str]:
+    """The SigLIP and LM pretraining steps (cached); returns their folders by config section."""
+    from sea_jax.demo import pretrain
+    from sea_jax.models import llm as llm_lib
+    from sea_jax.models import siglip
+
+    d = config.demo
+    out: dict[str, str] = {}
+    if not config.siglip.checkpoint:
+        over = dict(config.siglip.get("overrides", None) or {}, vocab_size=int(info["siglip_vocab"]))
+        sig_cfg = siglip.siglip_config(config.siglip.variant, image_size=int(d.image_size), **over)
+        kw = dict(steps=int(d.siglip_steps), batch_size=int(d.pretrain_batch), lr=float(d.siglip_lr), seed=int(d.seed))
+        fp = {"world": world_fp, "model": repr(sig_cfg), **kw}
+        folder = os.path.join(assets_dir(workdir), "siglip")
+        cached_step(folder, fp, lambda tmp: pretrain.pretrain_siglip(tmp, paths, sig_cfg, **kw))
+        out["siglip"] = folder
+    if not config.llm.checkpoint:
+        over = dict(config.llm.get("overrides", None) or {}, vocab_size=int(info["llm_vocab"]), dtype="float32")
+        llm_cfg = llm_lib.preset(config.llm.preset, **over)
+        kw = dict(steps=int(d.llm_steps), batch_size=int(d.pretrain_batch), lr=float(d.llm_lr), seed=int(d.seed))
+        fp = {"world": world_fp, "model": repr(llm_cfg), **kw}
+        folder = os.path.join(assets_dir(workdir), "llm")
+        cached_step(folder, fp, lambda tmp: pretrain.pretrain_llm(tmp, paths, llm_cfg, **kw))
+        out["llm"] = folder
+    return out
+
+
+def _fill(config, paths: assets_lib.Assets, info: dict[str, Any], pretrained: dict[str, str] | None = None):
     c = config.copy_and_resolve_references()
 
     def fill(section, field: str, value: Any) -> None:
@@ -146,6 +186,13 @@ def _fill(config, paths: assets_lib.Assets, info: dict[str, Any]):
             section[field] = value
 
     with c.unlocked():
+        pretrained = pretrained or {}
+        if "llm" in pretrained:
+            c.llm.checkpoint = pretrained["llm"]  # its tokenizer is in the folder
+        if "siglip" in pretrained:
+            c.siglip.checkpoint = pretrained["siglip"]
+            # the checkpoint's architecture is the config's; the vocabulary must agree too
+            c.siglip.overrides.vocab_size = int(info["siglip_vocab"])
         if not c.llm.checkpoint:
             fill(c.llm, "tokenizer", paths.llm_tokenizer)
             c.llm.overrides.vocab_size = int(info["llm_vocab"])  # "<image>" is added by the trainer
