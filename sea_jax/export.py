@@ -66,8 +66,8 @@ def load_workdir(workdir: str, step: int | None = None, mesh=None) -> WorkdirMod
     # Vicuna's LLaVA format that the source folder lacks): prefer it over the source folder's.
     from sea_jax.checkpoint import find_run
 
-    trained = os.path.join(find_run(workdir), "tokenizer")
-    if os.path.isdir(trained):
+    trained = os.path.join(find_run(workdir), "tokenizer") if os.path.isdir(workdir) else ""
+    if trained and os.path.isdir(trained):
         from sea_jax.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(trained)
