@@ -44,7 +44,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -517,9 +516,7 @@ def load_llava_params(
     head = _NAMINGS[naming][3]
     params = mapping.load(plist, reader, shardings=shardings, dtype=dtype, expected=expected)
     ignore = lambda n: n.endswith("rotary_emb.inv_freq") or (cfg.llm.tie_embeddings and n == head)  # noqa: E731
-    extra = mapping.unused(plist, reader, ignore=ignore)
-    if extra:
-        warnings.warn(f"{folder}: {len(extra)} tensors not used by the model: {extra[:10]}", stacklevel=2)
+    mapping.warn_unused(plist, reader, folder, ignore)
     return params
 
 

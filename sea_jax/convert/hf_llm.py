@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -319,9 +318,7 @@ def load_params(
     params = mapping.load(params_map, reader, shardings=shardings, dtype=np.dtype(cfg.param_dtype), expected=expected)
     if warn_unused:
         ignore = lambda n: n.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and n == lm_head)  # noqa: E731
-        extra = mapping.unused(params_map, reader, ignore=ignore)
-        if extra:
-            warnings.warn(f"{len(extra)} checkpoint tensors not used by the {cfg.family} model: {extra[:10]}", stacklevel=3)
+        mapping.warn_unused(params_map, reader, f"{cfg.family} checkpoint", ignore, stacklevel=4)
     return params
 
 

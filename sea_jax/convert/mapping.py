@@ -408,3 +408,16 @@ def unused(params: Sequence[Param], reader: TensorReader, ignore: Callable[[str]
     """Tensor names in the checkpoint that no Param reads (to warn about silently dropped weights)."""
     used = {n for p in params for n in p.names()}
     return sorted(k for k in reader.keys() if k not in used and not ignore(k))
+
+
+def warn_unused(
+    params: Sequence[Param], reader: TensorReader, source: str, ignore: Callable[[str], bool] = lambda n: False,
+    stacklevel: int = 3,
+) -> None:
+    """Warns (naming ``source`` and the first ten) about checkpoint tensors no Param reads, so a
+    mapping that silently drops weights is seen, while buffers like ``rotary_emb.inv_freq`` are not."""
+    import warnings
+
+    extra = unused(params, reader, ignore)
+    if extra:
+        warnings.warn(f"{source}: {len(extra)} tensors not used by the model: {extra[:10]}", stacklevel=stacklevel)
