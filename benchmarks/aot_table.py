@@ -9,13 +9,9 @@ holds GBs; a fresh process returns them, and a timeout can kill it cleanly) and 
 report to ``benchmarks/results/aot_table.jsonl``; the Markdown table is rendered from that file,
 the last result per row label winning, so an interrupted run keeps what it finished.
 
-Rows come in two kinds:
-* ``as shipped``: the config file exactly (its batch, mesh, remat) -- the question "does the
-  committed config fit this slice in one step?".
-* ``tuned``: the mesh / remat / per-step batch we recommend for that slice. When the global batch
-  does not fit one step, the row compiles the largest per-step batch that does; reaching the
-  recipe's global batch then takes ``accum`` steps of gradient accumulation (the table says how
-  many), which the train step must provide.
+Each row compiles a shipped config file on a slice, plus at most the overrides that slice needs
+(listed in the table): the question "does the committed config, launched as the README says, fit
+this slice?".
 """
 from __future__ import annotations
 
@@ -41,38 +37,31 @@ class Row:
     config: str
     topology: str
     overrides: tuple[str, ...] = ()
-    global_batch: int = 0  # the recipe's batch when the row compiles a smaller per-step batch
     note: str = ""
 
 
 def _rows() -> list[Row]:
     g1, g2 = "configs/gemma2b.py", "configs/gemma2b_finetune.py"
     v2, l2 = "configs/vicuna7b_finetune.py", "configs/llama3_8b_finetune.py"
-    rows = []
-    for topo in ("v4-8", "v4-32", "v5e-16"):
-        rows.append(Row(f"gemma2b s1 {topo} as shipped", g1, topo))
-        rows.append(Row(f"gemma2b s2 {topo} as shipped", g2, topo))
-    rows += [
-        Row("vicuna7b s2 v4-32 as shipped", v2, "v4-32"),
-        Row("llama3_8b s2 v4-32 as shipped", l2, "v4-32"),
-        Row("llama3_8b s2 v5p-16 as shipped", l2, "v5p-16"),
+    mb = lambda n: (f"--config.train.microbatches={n}",)  # noqa: E731
+    # The Gemma configs ship tuned for v4-8 (FSDP over every chip, full remat, scanned SigLIP,
+    # microbatches + chunked LM head). The same file runs on bigger slices as long as each
+    # microbatch still splits over the chips; where it does not, the row names the one override.
+    rows = [
+        Row("gemma2b s1 v4-8", g1, "v4-8"),
+        Row("gemma2b s1 v4-32", g1, "v4-32"),
+        Row("gemma2b s1 v5e-16", g1, "v5e-16"),
+        Row("gemma2b s2 v4-8", g2, "v4-8"),
+        Row("gemma2b s2 v4-32", g2, "v4-32", mb(4)),
+        Row("gemma2b s2 v5e-16", g2, "v5e-16", mb(8)),
+        # The 7-8B stage-2 configs ship for v4-32 (one step of 128) and fit v5p-16 as they are;
+        # half a v4-32 needs accumulation and the chunked head.
+        Row("vicuna7b s2 v4-32", v2, "v4-32"),
+        Row("llama3_8b s2 v4-32", l2, "v4-32"),
+        Row("llama3_8b s2 v5p-16", l2, "v5p-16"),
+        Row("vicuna7b s2 v4-16", v2, "v4-16", mb(8) + ("--config.train.logits_chunk=512",)),
+        Row("llama3_8b s2 v4-16", l2, "v4-16", mb(8) + ("--config.train.logits_chunk=512",)),
     ]
-    # Tuned (where the shipped config does not fit): FSDP over every chip (frozen weights sharded
-    # too, not replicated), remat the LLM, scan SigLIP, and the largest per-step batch that fits,
-    # chosen from the as-shipped rows' temporaries per sequence (about 4.2 GiB for Gemma's 256k
-    # vocabulary at 2048 tokens: float32 logits and their gradient dominate).
-    tuned = ("--config.llm.remat=full",)
-    wrap = "benchmarks/aot_config.py:{},siglip_scan,fsdp_all"
-    for topo, stage, cfg, batch, recipe in (
-        ("v4-8", 1, g1, 16, 256), ("v5e-16", 1, g1, 32, 256), ("v4-32", 1, g1, 64, 256),
-        ("v5e-16", 2, g2, 32, 128), ("v4-8", 2, g2, 16, 128),
-    ):
-        rows.append(Row(f"gemma2b s{stage} {topo} tuned", wrap.format(cfg), topo,
-                        tuned + (f"--config.train.batch_size={batch}",), recipe))
-    # The recipe's whole batch in one step through the train step's own accumulation
-    # (train.microbatches, the LM loss over slices of the batch) and chunked LM head.
-    rows.append(Row("gemma2b s1 v4-8 microbatched", wrap.format(g1), "v4-8",
-                    tuned + ("--config.train.microbatches=16", "--config.train.logits_chunk=512")))
     return rows
 
 
@@ -111,33 +100,30 @@ def render(results: dict[str, dict], rows: list[Row]) -> str:
         "code. When the compiler itself refuses the program (out of HBM), temp is its stated",
         "requirement and the row reads DOES NOT FIT. TFLOP: compiled (`cost_analysis`, all chips) vs",
         "the analytic model FLOPs (`sea_jax.metrics.train_step_flops`, no remat); the ratio shows",
-        "recomputation -- but XLA's cost analysis counts the body of a loop once, and the LLM's layers",
-        "run in a `scan` (one loop, n_layers trips), so compiled FLOPs here undercount by roughly the",
-        "layer count; the ratio is a consistency check between configs, not an MFU correction.",
+        "recomputation -- but XLA's cost analysis counts the body of a loop once: the LLM's layers run",
+        "in a `scan` (n_layers trips) and the microbatches in another loop, so compiled FLOPs here",
+        "undercount by roughly layers x microbatches; the ratio is no MFU correction.",
         "Sequence length 2048 everywhere; `s1` = stage 1 (adapter + tau, SEA on), `s2` = stage 2",
         "(adapter + LLM). Compile seconds are on a shared 2-core CPU host.",
         "",
-        "| row | slice | mesh (data, fsdp, tensor) | LLM remat | per-step batch | accum to recipe batch "
+        "| row | overrides | mesh (data, fsdp, tensor) | LLM remat | batch | microbatches x rows | LM head chunk "
         "| args | temp | total | HBM | verdict | compiled TFLOP | model TFLOP | ratio | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         r = results.get(row.label)
-        if r is None:
-            settings = row.config.split(",")[1:]
-            over = " ".join(settings + [o.removeprefix("--config.") for o in row.overrides])
-            lines.append(f"| {row.label} | {row.topology} | {over} | | | | | | | | not compiled in this run | | | | |")
+        over = " ".join(o.removeprefix("--config.") for o in row.overrides) or "-"
+        if r is None or r.get("status") != "ok":
+            why = "not compiled in this run" if r is None else f"not compiled: {r.get('status')}"
+            lines.append(f"| {row.label} | {over} | | | | | | | | | | {why} | | | | |")
             continue
-        if r.get("status") != "ok":
-            lines.append(f"| {row.label} | {row.topology} | | | | | | | | | not compiled: {r.get('status')} | | | | |")
-            continue
-        mesh = r["mesh"]
-        accum = f"{row.global_batch // r['batch_size']} x {r['batch_size']}" if row.global_batch else "1"
+        mesh, mbs = r["mesh"], int(r.get("microbatches", 1))
         ratio = f"{r['compiled_flops'] / r['model_flops']:.2f}" if r["compiled_flops"] else "-"
         cflops = f"{r['compiled_flops'] / 1e12:.0f}" if r["compiled_flops"] else "-"
         lines.append(
-            f"| {row.label} | {r['topology']} | {mesh['data']}, {mesh['fsdp']}, {mesh['tensor']} | {r['llm_remat']} "
-            f"| {r['batch_size']} | {accum} | {_fmt_gib(r['argument_bytes'])} | {_fmt_gib(r['temp_bytes'])} "
+            f"| {row.label} | {over} | {mesh['data']}, {mesh['fsdp']}, {mesh['tensor']} | {r['llm_remat']} "
+            f"| {r['batch_size']} | {mbs} x {r['batch_size'] // mbs} | {r.get('logits_chunk') or '-'} "
+            f"| {_fmt_gib(r['argument_bytes'])} | {_fmt_gib(r['temp_bytes'])} "
             f"| {_fmt_gib(r['total_bytes'])} | {r['hbm_bytes'] / GIB:.0f} | {r['verdict']} | {cflops} "
             f"| {r['model_flops'] / 1e12:.0f} | {ratio} | {r['compile_s']:.0f} |"
         )
@@ -149,21 +135,19 @@ NOTES = """
 ## Reading the table
 
 * Gemma-2B's 256k vocabulary makes the float32 logits (and their gradient) the largest activation:
-  about 4.2 GiB per 2048-token sequence with the LLM rematerialised (stage 1 v4-8: 15.5 GiB of
-  temporaries for 4 sequences per chip), 15 GiB without remat. The recipe's global batches
-  (256 / 128) therefore fit one step only where there are enough chips: stage 2 on v4-32 does (8
-  sequences a chip, 29.4 of 32 GiB); stage 1 fits in one step on none of v4-8 / v4-32 / v5e-16.
-* Stage 1 as shipped (mesh data=-1, no remat) keeps the frozen LLM's float32 weights whole on every
-  chip (11.5 GiB of arguments); FSDP over all chips cuts that to 3.3 GiB on v4-8.
-* Where the global batch does not fit one step, the tuned rows compile the largest per-step batch
-  that does; the recipe's batch then needs `accum` slices of accumulation, which the train step
-  provides as `train.microbatches` (with `train.logits_chunk` so the [batch, length, vocab] logits
-  are never whole). The `microbatched` row compiles exactly that: the full batch in one step.
-  Tuned rows marked "not compiled in this run" list the settings predicted to fit from the
-  measured temporaries per sequence; they are not measurements (each compile takes 5-11 minutes
-  on this shared host and the session's time ran out).
+  about 4 GiB per 2048-token sequence when whole. The Gemma configs therefore ship with
+  `train.logits_chunk=512` (the LM head and its loss in rematerialised 512-token slices) and
+  `train.microbatches` (exact gradient accumulation; SEA's L_a still spans the whole global
+  batch), FSDP over every chip (the frozen fp32 LLM is sharded, not replicated) and full remat.
+* One microbatch must still split over the batch-sharding chips: `configs/gemma2b.py` (16
+  microbatches of 16) runs unchanged on 4 to 16 chips; `configs/gemma2b_finetune.py` (16 of 8,
+  for v4-8) needs `--config.train.microbatches=4` on v4-32 and `=8` on v5e-16, as the rows show.
+* Stage 1 on v4-8 is the tightest fit (29.9 of 32 GiB): 4 sequences per chip per microbatch. With
+  16 chips the same file holds 1 sequence per chip per microbatch, hence the small totals there;
+  fewer microbatches would run faster on those slices and still fit.
 * Vicuna-7B (32k vocabulary) and Llama-3-8B (128k) stage 2 fit v4-32 at batch 128 in one step
-  with FSDP over the 16 chips and full remat.
+  with FSDP over the 16 chips and full remat, and half that slice (v4-16) with 8 microbatches and
+  the chunked head.
 """
 
 
@@ -194,7 +178,7 @@ def main() -> int:
             print(f"[{time.strftime('%H:%M:%S')}] {row.label}: {row.config} on {row.topology} {' '.join(row.overrides)}",
                   flush=True)
             rec = run_row(row, args.timeout)
-            rec.update(label=row.label, overrides=list(row.overrides), global_batch=row.global_batch)
+            rec.update(label=row.label, overrides=list(row.overrides))
             with JSONL.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             summary = rec.get("verdict", rec["status"])

@@ -16,5 +16,12 @@ import _recipe  # noqa: E402
 
 def get_config(arg=None):
     c = _recipe.stage2("google/gemma-2b HF folder", "gemma_2b", arg)
-    c.mesh.update(data=1, fsdp=-1, tensor=1)  # the LLM is trained: FSDP over its optimizer state
+    # Tuned for v4-8 with `python -m sea_jax.aot` (benchmarks/results/aot_table.md): FSDP over every
+    # chip holds the trained LLM's Adam state; 16 microbatches of 8 sequences (2 per chip) + the
+    # chunked LM head keep Gemma's 256k-vocab logits small. On 16 chips (v4-32, v5e-16) each
+    # microbatch must still split over the chips: add --config.train.microbatches=4 (v4-32) or 8 (v5e-16).
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    c.siglip.overrides.update(scan=True)
+    c.train.microbatches = 16
+    c.train.logits_chunk = 512
     return c

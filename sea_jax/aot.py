@@ -438,6 +438,8 @@ class Report:
     model_flops_breakdown: dict[str, float]
     lower_s: float
     compile_s: float
+    microbatches: int = 1
+    logits_chunk: int = 0
     # Set when the TPU compiler itself refused the program for lack of HBM: then temp_bytes is the
     # compiler's stated requirement, argument/output bytes are computed from the input shardings,
     # and generated code / FLOPs are unknown (0).
@@ -460,7 +462,8 @@ class Report:
             f"topology    {self.topology} x{self.num_slices} slice(s): {self.devices} chips, mesh {self.mesh}",
             f"model       {self.params / 1e9:.3f} B params, {self.trainable_params / 1e6:.1f} M trainable "
             f"({', '.join(self.trainable)}); llm remat={self.llm_remat}, vision remat={self.vision_remat}",
-            f"batch       {self.batch_size} x {self.max_length} tokens",
+            f"batch       {self.batch_size} x {self.max_length} tokens in {self.microbatches} microbatch(es), "
+            f"LM head chunk {self.logits_chunk or 'none'}",
             "per-chip HBM (compiled.memory_analysis):",
             f"  arguments        {g(self.argument_bytes)}",
             f"  outputs          {g(self.output_bytes)}",
@@ -600,6 +603,7 @@ def compile_step(
         compiled_flops_per_device=per_dev, compiled_flops=per_dev * len(devices),
         model_flops=model_flops(spec)["total"], model_flops_breakdown=model_flops(spec),
         lower_s=t1 - t0, compile_s=t2 - t1, compiler_error=error,
+        microbatches=spec.step.microbatches, logits_chunk=spec.step.logits_chunk,
     )
 
 
