@@ -560,6 +560,11 @@ def compile_step(
     topo = get_topology(topology) if isinstance(topology, str) else topology
     devices = topology_devices(topo, num_slices)
     mesh = topology_mesh(devices, dict(spec.mesh_axes), num_slices)
+    shards, mb = mesh.shape["data"] * mesh.shape["fsdp"], spec.step.microbatches
+    if spec.batch_size % (mb * shards):
+        raise ValueError(f"batch {spec.batch_size} in {mb} microbatches gives {spec.batch_size / mb:g} rows each, not a "
+                         f"multiple of the {shards} batch shards of mesh {dict(mesh.shape)} on {topo.name}; set "
+                         f"--config.train.microbatches to a divisor of {spec.batch_size // shards}")
     tx, sched = optimizer(spec)
     (state, frozen, batch), (st_sh, fr_sh, b_sh) = abstract_step_inputs(spec, mesh, tx)
     step = make_train_step(

@@ -253,6 +253,27 @@ def encode_prompt(tokenizer: Any, text: str, num_image_tokens: int) -> np.ndarra
     return np.asarray(tokenizer(expanded, add_special_tokens=False)["input_ids"], np.int32)
 
 
+def stop_token_ids(tokenizer: Any, eos_token_id: int | Sequence[int] | None = None) -> list[int]:
+    """Ids that end generation: the LLM config's EOS id(s), the tokenizer's EOS, and the special
+    token the chat template writes right after an assistant message (Gemma's ``<end_of_turn>``,
+    Llama 3's ``<|eot_id|>``, Phi-3's ``<|end|>``), which a chat model emits instead of EOS (the
+    ``generation_config.eos_token_id`` list of those HF checkpoints)."""
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    if getattr(tokenizer, "chat_template", None):
+        marker = "XQZJ"
+        msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": marker}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+        tail = text[text.index(marker) + len(marker):] if marker in text else ""
+        after = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+        special = set(tokenizer.all_special_ids) | {
+            i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+        if after and after[0] in special:
+            ids.append(int(after[0]))
+    return list(dict.fromkeys(ids))
+
+
 def pad_batch(rows: Sequence[np.ndarray], pad_id: int, side: str = "left") -> tuple[np.ndarray, np.ndarray]:
     """(ids [b, max_len], mask [b, max_len]) from variable-length rows, padded on ``side``."""
     n = max(len(r) for r in rows)
@@ -312,9 +333,7 @@ def main(argv: Sequence[str]) -> None:
         rows.append(encode_prompt(tok, chat_prompt(tok, p), cfg.num_image_tokens))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids, mask = pad_batch(rows, pad, "left")
-    eos = [cfg.llm.eos_token_id] if isinstance(cfg.llm.eos_token_id, int) else list(cfg.llm.eos_token_id or ())
-    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
-        eos.append(tok.eos_token_id)
+    eos = stop_token_ids(tok, cfg.llm.eos_token_id)
     out = Generator(model, mesh)(
         params, np.stack(images), ids, mask, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
         top_p=f.top_p, eos_token_id=eos, pad_token_id=pad, key=jax.random.key(f.seed),

@@ -144,7 +144,7 @@ def _demo_images(config, top: str, limit: int):
     from sea_jax.demo import assets as assets_lib
     from sea_jax.demo.prepare import assets_dir  # (sea_jax.demo.prepare is also the function's name)
 
-    paths = assets_lib.Assets.at(os.path.join(assets_dir(top), "world"))
+    paths = assets_lib.Assets.at(os.path.join(assets_dir(top, config), "world"))
     with open(paths.eval_json, encoding="utf-8") as f:
         names = [r["image"] for r in json.load(f)][:limit]
     t = np.load(paths.truth)

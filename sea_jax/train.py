@@ -452,6 +452,11 @@ def train(config, workdir: str) -> dict:
     if b % shards or b % jax.process_count():
         raise ValueError(f"train.batch_size {b} must be a multiple of the {shards} batch shards of mesh "
                          f"{dict(mesh.shape)} and of the {jax.process_count()} processes")
+    mb = int(config.train.microbatches)
+    if b % (mb * shards):
+        raise ValueError(f"train.batch_size {b} in train.microbatches {mb} gives microbatches of {b / mb:g} rows, "
+                         f"not a multiple of the {shards} batch shards of mesh {dict(mesh.shape)}; "
+                         f"set --config.train.microbatches to a divisor of {b // shards}")
     preempt = ckpt_lib.PreemptionFlag().install()
 
     # --- model ---------------------------------------------------------------------------------
@@ -596,7 +601,14 @@ def _stats_dict(stats) -> dict:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments {argv[1:]}")
-    out = train(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    if "demo" in config and _get(config.demo, "full_run", False):
+        # The embedded demo's whole story (both arms, stage 2, report): sea_jax.demo.run.
+        from sea_jax.demo.run import run_demo
+
+        run_demo(config, _WORKDIR.value)
+        return
+    out = train(config, _WORKDIR.value)
     if jax.process_index() == 0:
         print(json.dumps({k: v for k, v in out.items() if k != "data"}, default=str))
 

@@ -129,6 +129,16 @@ def test_margin_arithmetic(stage1_report):
     assert r.margin_bytes == r.hbm_bytes - int(0.5 * aot.GIB) - r.total_bytes
 
 
+def test_microbatch_that_does_not_split_over_the_chips_is_refused():
+    """128 rows in 16 microbatches are 8 rows each: fine on 4 chips, not on 16 (v4-32); the error
+    names the field and the divisors that work, before any compile."""
+    _need_libtpu()
+    c = tiny_config(2)
+    c.train.batch_size, c.train.microbatches = 128, 16
+    with pytest.raises(ValueError, match=r"8 rows each.*16 batch shards.*divisor of 8"):
+        aot.compile_step(aot.spec_from_config(c), "v4-32")
+
+
 def test_parse_compiler_oom():
     msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
            "(212.22G) exceeds available HBM (30.75G).")

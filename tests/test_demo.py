@@ -10,7 +10,9 @@ What is shown:
   is refused, a half-built folder is replaced;
 * ``prepare`` then ``train`` runs stage 1 with SEA on, finite losses;
 * the pretraining of the towers (``demo.pretrain``): the sigmoid loss against numpy, its losses go
-  down, and its HF folders load as the run's checkpoints.
+  down, and its HF folders load as the run's checkpoints;
+* the whole demo through the CLI, reduced (fewer images and steps), in under 3 minutes: both
+  arms, stage 2, the table, the report files and the picture.
 """
 import importlib.util
 import json
@@ -228,6 +230,26 @@ def test_sigmoid_loss_and_positives():
     assert float(got) == pytest.approx(want, rel=1e-5)
 
 
+def test_patch_word_loss_is_tokenwise_max_sigmoid():
+    """The FILIP-style term of the SigLIP pretraining, against a loop: image i vs word w is scored
+    by its best patch, ``t * max_p cos(patch_ip, w) + b``, then SigLIP's sigmoid loss."""
+    from sea_jax.demo import pretrain
+
+    rng = np.random.default_rng(2)
+    patches, words = rng.normal(size=(3, 5, 4)), rng.normal(size=(6, 4))
+    pos = (rng.random((3, 6)) > 0.5).astype(np.float32)
+    t, b = np.log(7.0), -2.0
+    want = 0.0
+    for i in range(3):
+        for w in range(6):
+            best = max(patches[i, p] @ words[w] / (np.linalg.norm(patches[i, p]) * np.linalg.norm(words[w]))
+                       for p in range(5))
+            z = 2 * pos[i, w] - 1
+            want += np.log1p(np.exp(-z * (7.0 * best + b)))
+    got = pretrain.patch_word_loss(patches, words, np.asarray([t]), np.asarray([b]), pos)
+    assert float(got) == pytest.approx(want / 3, rel=1e-5)
+
+
 def test_pretrain_towers(prepared, tmp_path):
     """A few pretraining steps on the small world: both losses go down, the folders load as the
     run's checkpoints (with their tokenizers), a second prepare rewrites nothing."""
@@ -261,3 +283,48 @@ def test_pretrain_towers(prepared, tmp_path):
 
     tok, _ = labels_cli.load_tokenizer(c.siglip)
     assert len(tok) == c.siglip.overrides.vocab_size
+
+
+def test_cli_reduced_demo_end_to_end(tmp_path):
+    """``python -m sea_jax.train --config=configs/demo.py`` -- the README's main command -- with fewer
+    images and steps: pretraining, SEA and lambda = 0 stage 1, stage 2 of each, the report."""
+    import subprocess
+    import sys
+    import time
+
+    wd = tmp_path / "demo"
+    over = {"demo.num_images": 48, "demo.num_eval": 4, "demo.siglip_steps": 12, "demo.llm_steps": 12,
+            "demo.pretrain_batch": 8, "demo.stage2_steps": 4, "demo.plot_images": 2, "demo.show_questions": 3,
+            "train.num_steps": 6, "train.batch_size": 8, "train.log_every": 2, "train.checkpoint_every": 0,
+            "train.progress": False}
+    cmd = [sys.executable, "-m", "sea_jax.train", "--config=configs/demo.py", f"--workdir={wd}",
+           *[f"--config.{k}={v}" for k, v in over.items()]]
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    t0 = time.time()
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    elapsed = time.time() - t0
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert elapsed < 180, f"the reduced demo took {elapsed:.0f} s"
+
+    report = json.load(open(wd / "demo_report.json"))
+    arms = report["arms"]
+    assert sorted(arms) == ["SEA", "baseline"]
+    for name, m in arms.items():
+        for key in ("label_accuracy", "truth_accuracy", "caption_loss", "qa_accuracy"):
+            assert np.isfinite(m[key]), (name, key)
+        assert m["num_images"] == 4 and m["stage"] == 1
+    assert arms["SEA"]["lambda"] == 1.0 and arms["baseline"]["lambda"] == 0.0
+    # the table the command printed is the one written, and names both arms
+    table = open(wd / "demo_report.md").read().strip()
+    assert table in res.stdout and "| | SEA | baseline |" in table
+    assert len(report["examples"]) == 3 and all(e["truth"] and "SEA" in e for e in report["examples"])
+    assert os.path.getsize(wd / "probe.png") > 10_000
+    # each arm ran both stages with lambda as the only difference; the assets exist once
+    def rows(run):
+        return [json.loads(x) for x in open(run / "metrics.jsonl")]
+    sea, base = rows(wd / "stage1"), rows(wd / "baseline" / "stage1")
+    assert [r["step"] for r in sea] == [r["step"] for r in base] == [2, 4, 6]
+    assert all(r["align_loss"] > 0 for r in sea) and all(r.get("align_loss", 0.0) == 0.0 for r in base)
+    assert rows(wd / "stage2")[-1]["step"] == rows(wd / "baseline" / "stage2")[-1]["step"] == 4
+    assert not os.path.exists(wd / "baseline" / "demo_assets")
+    assert json.load(open(wd / "baseline" / "stage1" / "config.json"))["demo"]["assets"] == str(wd / "demo_assets")

@@ -179,3 +179,25 @@ def test_cli_prints_the_decoded_answer(setup, tmp_path, capsys):
     want = gen(params, pixels[None], ids[None], max_new_tokens=N, eos_token_id=eos, pad_token_id=pad)
     text = tok.decode(np.asarray(want.tokens[0, : int(want.lengths[0])]), skip_special_tokens=True)
     assert printed.startswith(f"[0] {PROMPTS[0]}\n") and printed.rstrip("\n").endswith(text)
+
+
+def test_stop_token_ids_include_the_chat_templates_end_of_turn():
+    """A chat model ends its answer with the template's end-of-turn token (Gemma's
+    ``<end_of_turn>``), not EOS: generation must stop there too, as HF's generation_config does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sea_jax.generate import stop_token_ids
+
+    specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+    vocab = {t: i for i, t in enumerate(specials + list("abcdefghijklmnopqrstuvwxyz\n "))}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                  additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    assert stop_token_ids(tok, 1) == [1]  # no chat template: EOS only
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+                         "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    assert stop_token_ids(tok, [1]) == [1, 4]
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"  # ends with plain text
+    assert stop_token_ids(tok, None) == [1]

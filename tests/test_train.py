@@ -251,6 +251,8 @@ def test_stage1_then_stage2_with_bad_data(assets, tmp_path):
     _, p1 = _params(wd / "stage1")
     assert sorted(p1) == ["adapter", "log_tau"]
 
+    _probe_real_config_run(assets, wd, tmp_path)
+
     # stage 2 from stage 1's adapter (same workdir), LLM + adapter trained, chat template
     _run(_args(assets, wd, 2, **{"train.num_steps": 8}), tmp_path / "s2.log")
     m2 = _metrics(wd / "stage2")
@@ -490,3 +492,58 @@ def test_cli_missing_path_fails_before_compiling(tmp_path):
     assert p.returncode != 0
     assert "config.data.json='/nonexistent/x.json' does not exist" in p.stderr
     assert "config.llm.checkpoint=" in p.stderr and "compiled" not in p.stderr
+
+
+def _probe_real_config_run(a, wd, tmp_path):
+    """``python -m sea_jax.probe`` on a workdir of a real (non-demo) config: the SigLIP labels are
+    the run's (its SigLIP checkpoint and word list; checked here against transformers'
+    SiglipModel), the recalled words are nearest by cosine in the LLM's Eq. 8 table, and the
+    picture marks words right by the SigLIP labels (no truth outside the demo)."""
+    import torch
+    from transformers import SiglipModel
+
+    from sea_jax import probe
+    from sea_jax.align import labels as L
+    from sea_jax.checkpoint import load_config
+    from sea_jax.data.images import load_and_preprocess
+    from sea_jax.labels import load_tokenizer
+
+    images = [os.path.join(a["images"], f"img{i}.png") for i in range(3)]
+    out = tmp_path / "probe.png"
+    res = subprocess.run([sys.executable, "-m", "sea_jax.probe", f"--workdir={wd}", "--stage=1", f"--out={out}",
+                          "--images=" + ",".join(images), "--plot_images=2"],
+                         cwd=ROOT, env=_env(devices=1), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    summary = json.load(open(tmp_path / "probe.json"))
+    m = summary["run"]
+    assert m["num_images"] == 3 and "truth_accuracy" not in m and 0.0 <= m["label_accuracy"] <= 1.0
+    assert os.path.getsize(out) > 10_000
+
+    r = probe.probe_workdir(str(wd), stage=1, images=images)
+    assert r.truth is None and m["label_accuracy"] == pytest.approx(r.metrics["label_accuracy"])
+    np.testing.assert_array_equal(r.correct(), probe.word_hits(r.recalled, r.labels, r.label_valid))
+    # the SigLIP labels, recomputed with transformers: each patch alone through the MAP head
+    # (the trainer's ``labels.feature``) against the text tower's embedding of every word
+    config = load_config(os.path.join(wd, "stage1"))
+    hf = SiglipModel.from_pretrained(a["siglip"]).eval()
+    words = L.load_word_list(a["words"])
+    tok, _ = load_tokenizer(config.siglip)
+    ids = L.make_tokenize_fn(tok, max_length=hf.config.text_config.max_position_embeddings,
+                             template=config.labels.prompt)(words)
+    x = np.stack([load_and_preprocess(p, hf.config.vision_config.image_size) for p in images])
+    with torch.no_grad():
+        t = hf.get_text_features(input_ids=torch.as_tensor(np.asarray(ids), dtype=torch.long))
+        t = t if isinstance(t, torch.Tensor) else t.pooler_output
+        h = hf.vision_model(pixel_values=torch.as_tensor(x).permute(0, 3, 1, 2)).last_hidden_state
+        b, p, d = h.shape
+        v = hf.vision_model.head(h.reshape(b * p, 1, d)).reshape(b, p, d)
+    cos = torch.nn.functional.normalize(v, dim=-1) @ torch.nn.functional.normalize(t, dim=-1).T
+    cos = -cos if config.labels.negate_similarity else cos
+    top = torch.topk(cos, k=r.labels.shape[-1], dim=-1)
+    g = r.labels.shape[1]
+    want_ids = top.indices.numpy().reshape(b, g, g, -1)
+    want_valid = top.values.numpy().reshape(b, g, g, -1) > 0
+    gap = (top.values[..., 0] - top.values[..., 1]).numpy().reshape(b, g, g) > 1e-4  # no near-tie
+    assert gap.mean() > 0.8
+    np.testing.assert_array_equal(r.labels[..., 0][gap], want_ids[..., 0][gap])
+    np.testing.assert_array_equal(r.label_valid[..., 0][gap], want_valid[..., 0][gap])

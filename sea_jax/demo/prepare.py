@@ -47,11 +47,14 @@ from sea_jax.demo import world as world_lib
 
 MARKER = "DONE.json"
 # Bump when the world's generator or the asset formats change: old caches then fail loudly.
-VERSION = 1
+VERSION = 2  # 2: size / position / number words left out of the label word list
 
 
-def assets_dir(workdir: str) -> str:
-    return os.path.join(workdir, "demo_assets")
+def assets_dir(workdir: str, config=None) -> str:
+    """Where the demo's assets live: ``config.demo.assets`` when set (several workdirs sharing one
+    world and one pair of pretrained towers), else ``<workdir>/demo_assets``."""
+    shared = config.demo.get("assets", "") if config is not None and "demo" in config else ""
+    return shared or os.path.join(workdir, "demo_assets")
 
 
 def world_config(config) -> world_lib.WorldConfig:
@@ -137,7 +140,7 @@ def prepare(config, workdir: str):
 
     cfg = world_config(config)
     d = config.demo
-    folder = os.path.join(assets_dir(workdir), "world")
+    folder = os.path.join(assets_dir(workdir, config), "world")
     fingerprint = {"version": VERSION, "world": dataclasses.asdict(cfg), "seed": int(d.seed), "num_images": int(d.num_images),
                    "num_eval": int(d.num_eval), "text_len": int(config.siglip.overrides.text_len),
                    "siglip_vocab": int(d.siglip_vocab)}
@@ -162,9 +165,10 @@ def _pretrain(config, workdir: str, paths: assets_lib.Assets, info: dict, world_
     if not config.siglip.checkpoint:
         over = dict(config.siglip.get("overrides", None) or {}, vocab_size=int(info["siglip_vocab"]))
         sig_cfg = siglip.siglip_config(config.siglip.variant, image_size=int(d.image_size), **over)
-        kw = dict(steps=int(d.siglip_steps), batch_size=int(d.pretrain_batch), lr=float(d.siglip_lr), seed=int(d.seed))
+        kw = dict(steps=int(d.siglip_steps), batch_size=int(d.pretrain_batch), lr=float(d.siglip_lr), seed=int(d.seed),
+                  patch_weight=float(d.get("siglip_patch_weight", 0.0)))
         fp = {"world": world_fp, "model": repr(sig_cfg), **kw}
-        folder = os.path.join(assets_dir(workdir), "siglip")
+        folder = os.path.join(assets_dir(workdir, config), "siglip")
         cached_step(folder, fp, lambda tmp: pretrain.pretrain_siglip(tmp, paths, sig_cfg, **kw))
         out["siglip"] = folder
     if not config.llm.checkpoint:
@@ -172,7 +176,7 @@ def _pretrain(config, workdir: str, paths: assets_lib.Assets, info: dict, world_
         llm_cfg = llm_lib.preset(config.llm.preset, **over)
         kw = dict(steps=int(d.llm_steps), batch_size=int(d.pretrain_batch), lr=float(d.llm_lr), seed=int(d.seed))
         fp = {"world": world_fp, "model": repr(llm_cfg), **kw}
-        folder = os.path.join(assets_dir(workdir), "llm")
+        folder = os.path.join(assets_dir(workdir, config), "llm")
         cached_step(folder, fp, lambda tmp: pretrain.pretrain_llm(tmp, paths, llm_cfg, **kw))
         out["llm"] = folder
     return out

@@ -12,6 +12,15 @@ problem). With random towers neither holds; these two steps make them hold on th
   tower's distribution, as a real SigLIP's web captions contain single words. A pair is positive
   (z = +1) when every content word of the text is in the image's caption, not only on the diagonal
   (two images of the batch both showing a circle are both positives of "circle").
+  Plus (``patch_weight``) a FILIP-style token-wise term, :func:`patch_word_loss`: every word of
+  the word list against every image, scored by its best-matching patch's per-patch feature (the
+  feature SEA's labels use), positive when the caption contains the word. It uses image-level
+  text only, no patch truth. Why: trained on the pooled embedding alone, this 3-layer tower's
+  per-patch labels matched no true word (0% top-1 on 64 held-out images; the per-patch features
+  of a ViT trained on 512 images only at the image level do not localise). With the term (weight
+  3, 600 steps) its top-1 label is a true word of the patch on about 38% of patches (89% of
+  object patches, 30% of background patches; measured in development, and reported by the demo
+  as ``siglip_label_truth_accuracy`` over the top-5 labels).
 * :func:`pretrain_llm`: a Gemma-architecture LM (the config's ``llm`` preset and overrides)
   trained with next-token loss on the captions and the question/answer conversations written with
   the tokenizer's chat template.
@@ -81,16 +90,37 @@ def _load_world(paths: assets_lib.Assets) -> tuple[np.ndarray, list[str]]:
     return imgs / 127.5 - 1.0, caps  # SigLIP's normalisation (mean = std = 0.5)
 
 
+def patch_word_loss(patch_emb: jax.Array, word_emb: jax.Array, t: jax.Array, b: jax.Array,
+                    pos: jax.Array) -> jax.Array:
+    """FILIP-style token-wise sigmoid loss: image i and word w score ``t * max_p cos(patch_ip, w) + b``.
+
+    patch_emb [B, P, D] per-patch joint-space features, word_emb [W, D], pos [B, W] in {0, 1}
+    (word in the image's caption). Only image-level words supervise it (no patch truth): a word of
+    the caption must match some patch, a word absent from it must match none.
+    """
+    norm = lambda x: x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-12))  # noqa: E731
+    sim = jnp.max(jnp.einsum("bpd,wd->bpw", norm(patch_emb), norm(word_emb)), axis=1)
+    logits = sim * jnp.exp(t) + b
+    return -jnp.sum(jax.nn.log_sigmoid((2 * pos - 1) * logits)) / patch_emb.shape[0]
+
+
+def _word_list(paths: assets_lib.Assets) -> list[str]:
+    with open(paths.word_list, encoding="utf-8") as f:
+        return [w.strip() for w in f if w.strip()]
+
+
 def _schedule(lr: float, steps: int):
     return optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps, lr * 0.05)
 
 
 def pretrain_siglip(folder: str, paths: assets_lib.Assets, cfg, *, steps: int = 300, batch_size: int = 32,
-                    lr: float = 2e-3, seed: int = 0) -> dict:
+                    lr: float = 2e-3, seed: int = 0, patch_weight: float = 0.0) -> dict:
     """Trains SigLIP ``cfg`` (a :class:`sea_jax.models.siglip.SigLIPConfig`, image size and patch
     of the world, vocabulary of the world's SigLIP tokenizer) on the world of ``paths``; writes the
-    HF folder (weights, config, tokenizer) to ``folder``. Returns ``{"loss_first", "loss_last",
-    "steps", "seconds"}`` (losses averaged over the first / last 10% of steps)."""
+    HF folder (weights, config, tokenizer) to ``folder``. ``patch_weight`` > 0 adds
+    :func:`patch_word_loss` over the word list (``paths.word_list``) with that weight. Returns
+    ``{"loss_first", "loss_last", "steps", "seconds"}`` (losses averaged over the first / last 10%
+    of steps)."""
     from transformers import AutoTokenizer
 
     from sea_jax.align import labels as L
@@ -102,17 +132,23 @@ def pretrain_siglip(folder: str, paths: assets_lib.Assets, cfg, *, steps: int = 
     tok = AutoTokenizer.from_pretrained(paths.siglip_tokenizer)
     tokenize = L.make_tokenize_fn(tok, max_length=cfg.text_len)
     choices = [text_choices(c) for c in captions]
+    vocab = _word_list(paths)
+    vocab_ids = jnp.asarray(tokenize(vocab))
     model = siglip.SigLIP(cfg)
     params = siglip.init_params(cfg, jax.random.key(seed))
     tx = optax.adamw(_schedule(lr, steps), weight_decay=1e-4)
     opt = tx.init(params)
 
     @jax.jit
-    def step(params, opt, x, ids, pos):
+    def step(params, opt, x, ids, pos, wpos):
         def loss_fn(p):
-            img = model.apply({"params": p}, x, patch_features="encoded", hidden_states=False, method="encode_image")
+            img = model.apply({"params": p}, x, patch_features="map", hidden_states=False, method="encode_image")
             txt = model.apply({"params": p}, ids, method="encode_text")
-            return sigmoid_loss(img.pooled, txt.embedding, p["t"], p["b"], pos)
+            loss = sigmoid_loss(img.pooled, txt.embedding, p["t"], p["b"], pos)
+            if patch_weight:
+                words = model.apply({"params": p}, vocab_ids, method="encode_text").embedding
+                loss += patch_weight * patch_word_loss(img.patch_embeds, words, p["t"], p["b"], wpos)
+            return loss
 
         loss, g = jax.value_and_grad(loss_fn)(params)
         upd, opt = tx.update(g, opt, params)
@@ -125,7 +161,9 @@ def pretrain_siglip(folder: str, paths: assets_lib.Assets, cfg, *, steps: int = 
         texts = [choices[i][int(rng.integers(len(choices[i])))] for i in idx]
         x = images[idx]
         pos = positives([captions[i] for i in idx], texts)
-        params, opt, loss = step(params, opt, jnp.asarray(x), jnp.asarray(tokenize(texts)), jnp.asarray(pos))
+        wpos = positives([captions[i] for i in idx], vocab)
+        params, opt, loss = step(params, opt, jnp.asarray(x), jnp.asarray(tokenize(texts)), jnp.asarray(pos),
+                                 jnp.asarray(wpos))
         losses.append(float(loss))
     os.makedirs(folder, exist_ok=True)
     hf_siglip.save_hf_siglip(folder, cfg, jax.device_get(params))

@@ -77,9 +77,14 @@ class WorldConfig:
 
 def label_words() -> list[str]:
     """The word list of the demo: the words a patch can truly be (kinds, colours, backgrounds)
-    first, then the other content words of the captions and answers, then distractors. A patch's
-    true word ids index this list."""
-    return [*KINDS, *COLOURS, *BACKGROUNDS, *SIZES, *POSITIONS, *NUMBERS, *DISTRACTORS]
+    first, then distractors. A patch's true word ids index this list.
+
+    Size, position and number words are in the captions but not here: they describe a whole
+    object or image, never what one patch shows. With them in the list, the tiny SigLIP gave
+    "small" or "large" as the top label of nearly every patch (each caption has one of them, so
+    their text embeddings sit near every image), and SEA faithfully taught the adapter that.
+    """
+    return [*KINDS, *COLOURS, *BACKGROUNDS, *DISTRACTORS]
 
 
 WORD_ID = {w: i for i, w in enumerate(label_words())}
