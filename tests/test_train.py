@@ -494,6 +494,17 @@ def test_cli_missing_path_fails_before_compiling(tmp_path):
     assert "config.llm.checkpoint=" in p.stderr and "compiled" not in p.stderr
 
 
+def test_microbatches_that_do_not_split_over_the_devices_are_refused(assets, tmp_path):
+    """8 rows in 8 microbatches on 8 batch shards: one row per microbatch cannot be sharded; the
+    run stops before building the model, naming the field and what would work."""
+    args = _args(assets, tmp_path / "run", 1, **{"train.batch_size": 8, "train.microbatches": 8})
+    p = subprocess.run([sys.executable, "-m", "sea_jax.train", *args], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode != 0
+    assert "train.microbatches 8 gives microbatches of 1 rows" in p.stderr and "divisor of 1" in p.stderr
+    assert "model built" not in p.stderr
+
+
 def _probe_real_config_run(a, wd, tmp_path):
     """``python -m sea_jax.probe`` on a workdir of a real (non-demo) config: the SigLIP labels are
     the run's (its SigLIP checkpoint and word list; checked here against transformers'
