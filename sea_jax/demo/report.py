@@ -69,8 +69,7 @@ def heldout_caption_loss(workdir: str, records_json: str, image_root: str, *, st
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     total, count = 0.0, 0
     for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
-        n = len(chunk)
+        chunk = rows[s:s + batch_size]  # a short last chunk: its padding rows have no target tokens
         ids = np.full((batch_size, L), pad, np.int32)
         mask = np.zeros((batch_size, L), bool)
         loss_mask = np.zeros((batch_size, L), bool)
@@ -78,7 +77,6 @@ def heldout_caption_loss(workdir: str, records_json: str, image_root: str, *, st
         for i, (e, img) in enumerate(chunk):
             t = len(e.input_ids)
             ids[i, :t], mask[i, :t], loss_mask[i, :t], images[i] = e.input_ids, True, e.loss_mask, img
-        del n  # padding rows have no target tokens: they add nothing
         tot, c = nll(params, jnp.asarray(images), jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(loss_mask))
         total, count = total + float(tot), count + int(c)
     return {"caption_loss": total / max(count, 1), "tokens": count, "samples": len(rows)}
