@@ -35,10 +35,12 @@ class WorkdirModel:
     tokenizer: Any
     pad_to_square: bool
     chat_template: str | None = None
+    run_config: Any = None  # the run's config.json (ml_collections), e.g. its data.max_length
 
 
-def load_workdir(workdir: str, step: int | None = None, mesh=None) -> WorkdirModel:
-    """Reads a training run's checkpoint through ``sea_jax.checkpoint.load_params_from_workdir``.
+def load_workdir(workdir: str, step: int | None = None, mesh=None, stage: int | None = None) -> WorkdirModel:
+    """Reads a training run's checkpoint through ``sea_jax.checkpoint.load_params_from_workdir``:
+    the run of ``stage`` (default the highest trained) at ``step`` (default the newest).
 
     Raises:
       ImportError: the training system's modules are not available (this function depends on
@@ -54,7 +56,7 @@ def load_workdir(workdir: str, step: int | None = None, mesh=None) -> WorkdirMod
         ) from e
     from sea_jax.convert.hf_llava import PLAIN_CHAT_TEMPLATE
 
-    run_config, params = load_params_from_workdir(workdir, step, mesh=mesh)
+    run_config, params = load_params_from_workdir(workdir, step, stage=stage, mesh=mesh)
     built = build_model(run_config)  # without a mesh: configs and tokenizer only, no weights
     cfg = getattr(built, "cfg", None)
     if not isinstance(cfg, MLLMConfig):
@@ -66,14 +68,14 @@ def load_workdir(workdir: str, step: int | None = None, mesh=None) -> WorkdirMod
     # Vicuna's LLaVA format that the source folder lacks): prefer it over the source folder's.
     from sea_jax.checkpoint import find_run
 
-    trained = os.path.join(find_run(workdir), "tokenizer") if os.path.isdir(workdir) else ""
+    trained = os.path.join(find_run(workdir, stage), "tokenizer") if os.path.isdir(workdir) else ""
     if trained and os.path.isdir(trained):
         from sea_jax.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(trained)
     return WorkdirModel(
         cfg=cfg, params=params, tokenizer=tokenizer,
-        pad_to_square=bool(_get(data, "pad_to_square", False)), chat_template=template,
+        pad_to_square=bool(_get(data, "pad_to_square", False)), chat_template=template, run_config=run_config,
     )
 
 

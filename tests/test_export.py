@@ -317,7 +317,7 @@ def test_export_workdir_reads_the_checkpoint_through_the_training_system(exporte
     run = ml_collections.ConfigDict({"data": {"pad_to_square": True, "template": "chat"}})
     calls = []
 
-    def fake_load(workdir, step=None, mesh=None):
+    def fake_load(workdir, step=None, stage=None, mesh=None):  # the real signature
         calls.append((workdir, step))
         return run, params
 

@@ -8,8 +8,9 @@
 * :func:`format_table`: the Markdown table the demo prints (alignment accuracy from
   :mod:`sea_jax.probe`, caption loss, QA accuracy, a few answered questions).
 
-Everything loads the run the same way ``sea_jax.export`` / ``sea_jax.generate`` do (the
-checkpoint, the frozen parts the config names, the tokenizer the run saved).
+Everything loads the run through :func:`sea_jax.export.load_workdir`, as ``sea_jax.export`` and
+``sea_jax.generate`` do (the checkpoint, the frozen parts the config names, the tokenizer the run
+saved).
 """
 from __future__ import annotations
 
@@ -23,18 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _run_model(workdir: str, stage: int):
-    """(config, MLLM, params, tokenizer as trained) of ``workdir``'s ``stage``."""
-    from sea_jax import checkpoint, train
-    from sea_jax.models.mllm import MLLM
-    from sea_jax.tokenizer import load_tokenizer
-
-    config, params = checkpoint.load_params_from_workdir(workdir, stage=stage)
-    model = train.build_model(config)  # configs and tokenizer only, no weights
-    tok = load_tokenizer(os.path.join(checkpoint.find_run(workdir, stage), "tokenizer"))
-    return config, MLLM(model.cfg), params, tok
-
-
 def heldout_caption_loss(workdir: str, records_json: str, image_root: str, *, stage: int = 1,
                          batch_size: int = 16) -> dict[str, float]:
     """Mean next-token loss over the caption tokens of ``records_json`` (LLaVA stage-1 records,
@@ -46,15 +35,19 @@ def heldout_caption_loss(workdir: str, records_json: str, image_root: str, *, st
     from sea_jax.data import llava, pipeline
     from sea_jax.models.mllm import lm_loss
 
-    config, mllm, params, tok = _run_model(workdir, stage)
-    cfg = mllm.cfg
-    enc = llava.Encoder(tok, "plain", cfg.image_token_id, cfg.num_image_tokens, int(config.data.max_length))
+    from sea_jax.export import load_workdir
+    from sea_jax.models.mllm import MLLM
+
+    run = load_workdir(workdir, stage=stage)
+    mllm, params, tok, cfg = MLLM(run.cfg), run.params, run.tokenizer, run.cfg
+    L = int(run.run_config.data.max_length)
+    enc = llava.Encoder(tok, "plain", cfg.image_token_id, cfg.num_image_tokens, L)
     rows = []
     for k, r in enumerate(pipeline.load_records(records_json)):
         rec = llava.parse_record(r, k)
         e = enc.encode(rec)
         img = images_lib.load_and_preprocess(os.path.join(image_root, rec.image), cfg.vision.image_size,
-                                             pad_to_square=bool(config.data.pad_to_square))
+                                             pad_to_square=run.pad_to_square)
         rows.append((e, img))
     if not rows:
         raise ValueError(f"{records_json}: no records")
@@ -65,7 +58,6 @@ def heldout_caption_loss(workdir: str, records_json: str, image_root: str, *, st
         mean, count = lm_loss(out.logits, ids, loss_mask)
         return mean * count, count
 
-    L = int(config.data.max_length)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     total, count = 0.0, 0
     for s in range(0, len(rows), batch_size):
@@ -90,13 +82,14 @@ def answer_questions(workdir: str, questions: Sequence[tuple[str, str, str]], *,
     lower-cased before the comparison, as the world writes them).
     """
     from sea_jax import generate as gen
-    from sea_jax.convert.hf_llava import PLAIN_CHAT_TEMPLATE, prepare_tokenizer
+    from sea_jax.convert.hf_llava import prepare_tokenizer
     from sea_jax.data import images as images_lib
+    from sea_jax.export import load_workdir
+    from sea_jax.models.mllm import MLLM
 
-    config, mllm, params, tok = _run_model(workdir, stage)
-    cfg = mllm.cfg
-    template = PLAIN_CHAT_TEMPLATE if config.data.template == "plain" else None
-    tok = prepare_tokenizer(tok, cfg, template)
+    run = load_workdir(workdir, stage=stage)
+    mllm, params, cfg = MLLM(run.cfg), run.params, run.cfg
+    tok = prepare_tokenizer(run.tokenizer, cfg, run.chat_template)  # as ``python -m sea_jax.generate``
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = gen.stop_token_ids(tok, cfg.llm.eos_token_id)
     generator = gen.Generator(mllm)
@@ -106,7 +99,7 @@ def answer_questions(workdir: str, questions: Sequence[tuple[str, str, str]], *,
         real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - real)  # one compiled shape
         images = np.stack([images_lib.load_and_preprocess(p, cfg.vision.image_size,
-                                                          pad_to_square=bool(config.data.pad_to_square))
+                                                          pad_to_square=run.pad_to_square)
                            for p, _, _ in chunk])
         rows = [gen.encode_prompt(tok, gen.chat_prompt(tok, q), cfg.num_image_tokens) for _, q, _ in chunk]
         ids, mask = gen.pad_batch(rows, pad, "left")
