@@ -93,7 +93,7 @@ def jax_labeller(folder: str, table: np.ndarray, n: int, chunk_size: int):
     import jax
 
     from sea_jax import sharding
-    from sea_jax.align import labels
+    from sea_jax.align import semantic_labels as labels
     from sea_jax.convert import hf_siglip
 
     cfg, params = hf_siglip.load_hf_siglip(folder)

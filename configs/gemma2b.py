@@ -1,27 +1,22 @@
 """Stage 1 (adapter pretraining + SEA) of SigLIP So400m/14@384 + google/gemma-2b.
 
     python -m sea_jax.train --config=configs/gemma2b.py --workdir=DIR \
-        --config.llm.checkpoint=/path/to/gemma-2b --config.siglip.checkpoint=/path/to/siglip \
+        --config.llm.checkpoint=/path/to/gemma-2b --config.vision.checkpoint=/path/to/siglip \
         --config.data.json=/path/to/blip_laion_cc_sbu_558k.json --config.data.image_root=/path/to/images
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # config_flags loads files by path
-import _recipe  # noqa: E402
+from sea_jax import recipes
 
 
 def get_config(arg=None):
-    if arg:
-        raise ValueError(f"{__name__} takes no config argument, got {arg!r}")
-    c = _recipe.stage1("google/gemma-2b HF folder", "gemma_2b")
+    recipes.no_argument(__name__, arg)
+    c = recipes.stage1("google/gemma-2b HF folder", "gemma_2b")
     # Measured with `python -m sea_jax.aot --config=configs/gemma2b.py --topology=v4-8` (29.9 of 32 GiB
     # per chip, benchmarks/results/aot_table.md): FSDP keeps the frozen fp32 LLM from sitting whole on
     # every chip; 16 microbatches + the chunked LM head keep Gemma's 256k-vocab logits and the
     # 2048-token activations small while L_a still spans the whole global batch of 256.
     c.mesh.update(data=1, fsdp=-1, tensor=1)
     c.llm.remat = "full"
-    c.siglip.overrides.update(scan=True)
+    c.vision.overrides.scan = True
     c.train.microbatches = 16
     c.train.logits_chunk = 512
     return c

@@ -1,7 +1,8 @@
 """Checkpoints of a training run: Orbax ``CheckpointManager`` (async), preemption, fallback.
 
-Layout of ``<workdir>/stage<k>/checkpoints/<step>/`` (one Orbax composite checkpoint per saved
-step; ``<workdir>/stage<k>`` is a *run folder*, see ``sea_jax.train``):
+Only checkpointing lives here; where the folder is comes from :mod:`sea_jax.rundir`
+(``RunDir.checkpoints``). Layout of ``<run folder>/checkpoints/<step>/`` (one Orbax composite
+checkpoint per saved step):
 
 * ``params/``     the *trainable* parameters only (frozen parts are reloaded from the config's
                   checkpoints: saving a frozen 7B LLM every N steps would be waste).
@@ -28,8 +29,6 @@ loop saves and exits cleanly (exit status 0) before the grace period ends.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import signal
 import threading
 import time
@@ -237,65 +236,4 @@ class Checkpointer:
         self._mngr.close()
 
 
-def checkpoint_dir(run: str | os.PathLike) -> str:
-    """``<run>/checkpoints``: where a run folder (``<workdir>/stage<k>``) keeps its checkpoints."""
-    return os.path.join(os.fspath(run), "checkpoints")
-
-
-# ----------------------------------------------------------------------------------------------
-# Full parameters of a run (export)
-
-
-def find_run(workdir: str, stage: int | None = None) -> str:
-    """The run folder of ``workdir``: ``<workdir>/stage<stage>`` (default the highest stage that
-    has a ``config.json``), or ``workdir`` itself if it is a run folder."""
-    if stage is not None:
-        return os.path.join(workdir, f"stage{int(stage)}")
-    for s in (2, 1):
-        if os.path.exists(os.path.join(workdir, f"stage{s}", "config.json")):
-            return os.path.join(workdir, f"stage{s}")
-    if os.path.exists(os.path.join(workdir, "config.json")):
-        return workdir
-    raise FileNotFoundError(f"{workdir!r} is not a sea_jax.train workdir (no stage1/ or stage2/ with config.json)")
-
-
-def load_config(run: str):
-    """The run's config (``<run>/config.json``, written by ``sea_jax.train`` at start)."""
-    import ml_collections
-
-    path = os.path.join(run, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} missing: is {run!r} a sea_jax.train run folder?")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def load_params_from_workdir(workdir: str, step: int | None = None, stage: int | None = None, mesh=None):
-    """(config, params) of a trained run, for export.
-
-    ``params`` is the full ``{"vision": {"img": ...}, "adapter", "llm", "log_tau"}`` tree (numpy):
-    the trained parts from the checkpoint at ``step`` (default the newest that restores) of the
-    run's highest stage (or ``stage``), the frozen parts reloaded as training loaded them (the
-    config's LLM / SigLIP checkpoints, stage 1's adapter and tau for a stage-2 run). The LLM's
-    vocabulary includes ``<image>`` (``<run>/tokenizer`` is the tokenizer as trained, with it and the
-    chat template). ``sea_jax.train.build_model(config).cfg`` is the model config (no weights read).
-
-    Args:
-      mesh: where frozen parts are loaded before being copied to the host (default: a one-device
-        mesh on the first local device).
-    """
-    from sea_jax import sharding
-    from sea_jax import train
-
-    run = find_run(workdir, stage)
-    config = load_config(run)
-    _, trained = Checkpointer(checkpoint_dir(run), async_save=False).restore_params(step)
-    if mesh is None:
-        mesh = sharding.make_mesh({"data": 1}, jax.local_devices()[:1])
-    top = os.path.dirname(os.path.abspath(run)) if os.path.basename(run).startswith("stage") else run
-    model = train.build_model(config, mesh, skip=tuple(trained) + ("word_table",), workdir=top)
-    params = {**jax.tree.map(np.asarray, model.params), **trained}
-    missing = {"vision", "adapter", "llm", "log_tau"} - set(params)
-    if missing:
-        raise KeyError(f"{run}: parameters {sorted(missing)} neither in the checkpoint nor loadable")
-    return config, params
+__all__ = ["Checkpointer", "Restored", "PreemptionFlag", "any_process"]

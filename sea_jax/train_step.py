@@ -32,7 +32,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sea_jax import sharding
-from sea_jax.align import labels as labels_lib
+from sea_jax.align import semantic_labels as labels_lib
 from sea_jax.align import loss as loss_lib
 from sea_jax.align import sampling
 from sea_jax.models.mllm import MLLM, lm_loss, lm_loss_chunked
@@ -77,6 +77,16 @@ class StepConfig:
             raise ValueError(f"label_source {self.label_source!r} not in {LABEL_SOURCES}")
         if self.microbatches < 1 or self.logits_chunk < 0:
             raise ValueError(f"microbatches {self.microbatches} must be >= 1 and logits_chunk {self.logits_chunk} >= 0")
+
+    @classmethod
+    def from_config(cls, config) -> "StepConfig":
+        """The step's view of a run config (``sea``, ``labels``, ``train``, ``seed``)."""
+        return cls(
+            lam=float(config.sea.lam), window=int(config.sea.window), top_n=int(config.labels.top_n),
+            negate_similarity=bool(config.labels.negate_similarity), label_source=config.sea.label_source,
+            tau_min=float(config.sea.tau_min), trainable=tuple(config.train.trainable), seed=int(config.seed),
+            microbatches=int(config.train.microbatches), logits_chunk=int(config.train.logits_chunk),
+        )
 
 
 @flax.struct.dataclass
@@ -249,7 +259,7 @@ def accumulated_grads(
         chunk = scfg.logits_chunk
         fwd = model.forward_features(prm, feats, mb["input_ids"], mb["attention_mask"], compute_logits=not chunk)
         if chunk:
-            return lm_loss_chunked(model, prm["llm"], fwd.logits, mb["input_ids"], mb["loss_mask"], chunk)
+            return lm_loss_chunked(model, prm["llm"], fwd.hidden, mb["input_ids"], mb["loss_mask"], chunk)
         mean, count = lm_loss(fwd.logits, mb["input_ids"], mb["loss_mask"])
         return mean * count, count.astype(jnp.float32)
 
@@ -278,9 +288,12 @@ def batch_shardings(mesh: Mesh, batch: Mapping[str, Any], rules: sharding.Logica
     }
 
 
-def init_state(trainable: Any, optimizer: optax.GradientTransformation) -> TrainState:
-    """Step 0 with fresh optimizer state; jitted so the state inherits the params' shardings."""
-    return jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)))(trainable)
+def init_state(trainable: Any, optimizer: optax.GradientTransformation, shardings: Any | None = None) -> TrainState:
+    """Step 0 with fresh optimizer state. Jitted: without ``shardings`` the state inherits the
+    params' shardings; with them (a :class:`TrainState` of shardings) it is placed exactly as a
+    step compiled for those shardings expects."""
+    init = lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p))  # noqa: E731
+    return jax.jit(init, out_shardings=shardings)(trainable)
 
 
 def make_train_step(

@@ -68,7 +68,7 @@ def init_params(cfg: MLLMConfig, seed: int = 0) -> dict:
     Filling the shapes on the host avoids compiling three init programs (slow on a shared CPU).
     Norm scales are random too (Gemma zero-inits them), so a (1 + w) slip would show.
     """
-    from sea_jax.convert.hf_llava import abstract_params
+    from sea_jax.models.mllm import abstract_params
 
     rng = np.random.default_rng(seed)
     shapes = nn.unbox(abstract_params(cfg))

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import types
 
-import jax
 import pytest
 
 from sea_jax import aot
@@ -26,9 +25,9 @@ def tiny_config(stage=1):
     c = base_config()
     c.llm.preset = "gemma_2b"
     c.llm.overrides = dict(TINY_LLM)
-    c.siglip.variant = "B/16"
-    c.siglip.image_size = 64
-    c.siglip.overrides = dict(TINY_SIGLIP)
+    c.vision.variant = "B/16"
+    c.vision.image_size = 64
+    c.vision.overrides = dict(TINY_SIGLIP)
     c.labels.default_size = 256
     c.train.batch_size = 8
     c.data.max_length = 64
@@ -91,11 +90,10 @@ def test_memory_totals_subtracts_donated_once():
 
 def test_model_flops_stage2_exceeds_stage1():
     """Training the LLM adds its weight gradients: 6N vs 4N per token on the LLM's matmuls."""
-    s1 = aot.spec_from_config(tiny_config(1))
-    s2 = aot.spec_from_config(tiny_config(2))
+    s1, s2 = tiny_config(1), tiny_config(2)
     f1, f2 = aot.model_flops(s1), aot.model_flops(s2)
     assert f2["llm"] > f1["llm"] and f1["labels"] > 0 and f2["total"] == pytest.approx(sum(v for k, v in f2.items() if k != "total"))
-    llm_tokens = s1.batch_size * s1.max_length
+    llm_tokens = s1.train.batch_size * s1.data.max_length
     assert (f2["llm"] - f1["llm"]) / llm_tokens > 2 * TINY_LLM["vocab_size"] * TINY_LLM["hidden"]
 
 
@@ -106,7 +104,7 @@ def test_model_flops_stage2_exceeds_stage1():
 @pytest.fixture(scope="module")
 def stage1_report():
     _need_libtpu()
-    return aot.compile_step(aot.spec_from_config(tiny_config(1)), "v4:2x2x1", config_name="tiny1")
+    return aot.compile_config(tiny_config(1), "v4:2x2x1", config_name="tiny1")
 
 
 def test_tpu_compile_reports_memory(stage1_report):
@@ -135,8 +133,8 @@ def test_microbatch_that_does_not_split_over_the_chips_is_refused():
     _need_libtpu()
     c = tiny_config(2)
     c.train.batch_size, c.train.microbatches = 128, 16
-    with pytest.raises(ValueError, match=r"8 rows each.*16 batch shards.*divisor of 8"):
-        aot.compile_step(aot.spec_from_config(c), "v4-32")
+    with pytest.raises(ValueError, match=r"microbatches of 8 rows.*16 batch shards.*v4-32.*divisor of 8"):
+        aot.compile_config(c, "v4-32")
 
 
 def test_parse_compiler_oom():
@@ -173,10 +171,12 @@ def test_fsdp_sharding_shrinks_per_chip_arguments():
 
     rep = tiny_config(2)
     rep.mesh.data, rep.mesh.fsdp = -1, 1
-    r_rep = aot.compile_step(aot.spec_from_config(rep), "v4:2x2x1")
-    r_fsdp = aot.compile_step(aot.spec_from_config(tiny_config(2)), "v4:2x2x1")
+    r_rep = aot.compile_config(rep, "v4:2x2x1")
+    r_fsdp = aot.compile_config(tiny_config(2), "v4:2x2x1")
     assert r_fsdp.mesh == {"data": 1, "fsdp": 4, "tensor": 1} and r_rep.mesh["data"] == 4
-    n_llm = llm_lib.param_count(aot.spec_from_config(rep).model.llm)
+    from sea_jax import builder
+
+    n_llm = llm_lib.param_count(builder.model_config(rep, builder.read_sources(rep)).llm)
     assert r_rep.argument_bytes - r_fsdp.argument_bytes > 0.6 * 12 * n_llm
 
 

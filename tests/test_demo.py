@@ -115,8 +115,8 @@ def prepared(tmp_path_factory):
 
 
 def test_assets_load_with_the_run_code(prepared):
-    from sea_jax import labels as labels_cli
-    from sea_jax.align import labels as L
+    from sea_jax import builder
+    from sea_jax.align import semantic_labels as L
     from sea_jax.align.loss import tokenize_words
     from sea_jax.data import llava
     from sea_jax.tokenizer import load_tokenizer
@@ -151,8 +151,8 @@ def test_assets_load_with_the_run_code(prepared):
             assert m["content"] in supervised
         assert "what" not in supervised and "<image>" not in supervised
 
-    sig_tok, _ = labels_cli.load_tokenizer(c.siglip)
-    assert c.siglip.overrides.vocab_size == len(sig_tok)
+    sig_tok, _ = builder.load_vision_tokenizer(c)
+    assert c.vision.overrides.vocab_size == len(sig_tok)
     ids = sig_tok(["circle", "a small red circle on stripes"], padding="max_length", max_length=16)["input_ids"]
     assert max(max(i) for i in ids) < len(sig_tok) and ids[0] != ids[1]
 
@@ -255,7 +255,7 @@ def test_pretrain_towers(prepared, tmp_path):
     run's checkpoints (with their tokenizers), a second prepare rewrites nothing."""
     import shutil
 
-    from sea_jax import train
+    from sea_jax import builder
     from sea_jax.convert import hf_siglip
     from sea_jax.demo import prepare
     from sea_jax.demo.prepare import assets_dir, read_marker
@@ -267,22 +267,20 @@ def test_pretrain_towers(prepared, tmp_path):
     for part in ("siglip", "llm"):
         info = read_marker(os.path.join(assets_dir(str(tmp_path)), part))["info"]
         assert info["loss_last"] < 0.9 * info["loss_first"], (part, info)
-    assert c.siglip.checkpoint.endswith("siglip") and c.llm.checkpoint.endswith("llm")
-    sig_cfg, params = hf_siglip.load_hf_siglip(c.siglip.checkpoint)
+    assert c.vision.checkpoint.endswith("siglip") and c.llm.checkpoint.endswith("llm")
+    sig_cfg, params = hf_siglip.load_hf_siglip(c.vision.checkpoint)
     assert sig_cfg.image_size == 64 and sig_cfg.width == 64 and float(params["b"][0]) != -10.0  # trained
     before = _mtimes(assets_dir(str(tmp_path)))
     assert prepare(config, str(tmp_path)).to_dict() == c.to_dict()
     assert _mtimes(assets_dir(str(tmp_path))) == before
     # the trainer builds its model from the folders: configs, tokenizers, vocabulary + <image>
-    model = train.build_model(c)
-    assert model.cfg.vision.width == 64 and model.cfg.llm.hidden == 64
+    mcfg = builder.model_config(c, builder.read_sources(c))
+    assert mcfg.vision.width == 64 and mcfg.llm.hidden == 64
     from sea_jax.tokenizer import load_tokenizer
 
-    assert model.cfg.image_token_id == model.cfg.llm.vocab_size - 1 == len(load_tokenizer(c.llm.checkpoint))
-    from sea_jax import labels as labels_cli
-
-    tok, _ = labels_cli.load_tokenizer(c.siglip)
-    assert len(tok) == c.siglip.overrides.vocab_size
+    assert mcfg.image_token_id == mcfg.llm.vocab_size - 1 == len(load_tokenizer(c.llm.checkpoint))
+    tok, _ = builder.load_vision_tokenizer(c)
+    assert len(tok) == sig_cfg.vocab_size
 
 
 def test_cli_reduced_demo_end_to_end(tmp_path):

@@ -7,7 +7,6 @@ pixels and ids, and its logits ours (1e-4, fp32). Import -> export must reproduc
 import json
 import os
 import shutil
-import types
 
 import flax.linen as nn
 import jax
@@ -20,7 +19,7 @@ from safetensors import safe_open
 from tokenizers import AddedToken
 
 import llava_testlib as lib
-from sea_jax.convert import hf_llava, mapping
+from sea_jax.convert import hf_llava, llava_files, mapping
 from sea_jax.data.images import preprocess_image
 from sea_jax.generate import chat_prompt, encode_prompt
 from sea_jax.models.mllm import MLLM
@@ -263,22 +262,22 @@ def test_bfloat16_export(exported, tmp_path):
 def test_image_token_and_vocabulary_checks():
     cfg = lib.mllm_config("gemma")
     tok = lib.make_tokenizer()
-    grown = hf_llava.prepare_tokenizer(tok, cfg)
+    grown = llava_files.prepare_tokenizer(tok, cfg)
     assert len(tok) == 100 and len(grown) == 101  # the caller's tokenizer is not modified
     assert grown.convert_tokens_to_ids("<image>") == lib.IMAGE_ID
     # Already present at the right id: nothing added.
-    again = hf_llava.prepare_tokenizer(grown, cfg)
+    again = llava_files.prepare_tokenizer(grown, cfg)
     assert len(again) == 101
     with pytest.raises(ValueError, match="image_token_id is 50"):
-        hf_llava.prepare_tokenizer(tok, lib.MLLMConfig(cfg.llm, cfg.vision, image_token_id=50))
+        llava_files.prepare_tokenizer(tok, lib.MLLMConfig(cfg.llm, cfg.vision, image_token_id=50))
     small = lib.mllm_config("gemma", vocab_size=100)
     with pytest.raises(ValueError, match="no row in the LLM's embedding"):
         hf_llava.llava_config(small, tok)
-    extra = hf_llava.prepare_tokenizer(tok, cfg)
+    extra = llava_files.prepare_tokenizer(tok, cfg)
     extra.add_tokens(["<extra>"])
     tight = lib.mllm_config("gemma", vocab_size=101)
     with pytest.raises(ValueError, match="only 101 rows"):
-        hf_llava.prepare_tokenizer(extra, tight)
+        llava_files.prepare_tokenizer(extra, tight)
     with pytest.raises(NotImplementedError, match="mlp2x_gelu"):
         hf_llava.llava_param_mapping(lib.MLLMConfig(cfg.llm, cfg.vision, lib.IMAGE_ID, adapter="linear"))
 
@@ -305,25 +304,20 @@ def test_adapter_only_export_uses_llava_names(kind, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back, adapter)
 
 
-def test_export_workdir_reads_the_checkpoint_through_the_training_system(exported, tmp_path, monkeypatch):
-    """The CLI's workdir path, with the training system's two functions replaced by the in-memory
-    run (the real ones restore Orbax checkpoints and reload frozen parts; tested with training)."""
-    import sys
-
-    import sea_jax.checkpoint
-    from sea_jax import export
+def test_export_workdir_reads_the_checkpoint_through_the_builder(exported, tmp_path, monkeypatch):
+    """The CLI's workdir path, with the builder's run loader replaced by the in-memory run (the real
+    one restores Orbax checkpoints and reloads frozen parts; tested with training)."""
+    from sea_jax import builder, export
 
     cfg, params, tok, out, _ = exported
     run = ml_collections.ConfigDict({"data": {"pad_to_square": True, "template": "chat"}})
     calls = []
 
-    def fake_load(workdir, step=None, stage=None, mesh=None):  # the real signature
+    def fake_load(workdir, *, stage=None, step=None, mesh=None, to_host=True, vision=None):  # the real signature
         calls.append((workdir, step))
-        return run, params
+        return builder.TrainedModel(run, cfg, params, tok, None, step)
 
-    monkeypatch.setattr(sea_jax.checkpoint, "load_params_from_workdir", fake_load)
-    monkeypatch.setitem(sys.modules, "sea_jax.train", types.SimpleNamespace(
-        build_model=lambda c: types.SimpleNamespace(cfg=cfg, tokenizer=tok)))
+    monkeypatch.setattr(builder, "load_trained", fake_load)
     dest = str(tmp_path / "from_workdir")
     export.export_workdir("/runs/r1", dest, step=7, dtype="float32", max_shard_bytes=64 * 2**10)
     assert calls == [("/runs/r1", 7)]

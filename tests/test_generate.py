@@ -158,23 +158,22 @@ def test_sample_token_distribution():
     assert int(sample_token(logits, None, 1.0, 1.0, True)[0]) == 0
 
 
-def test_cli_prints_the_decoded_answer(setup, tmp_path, capsys):
-    from absl import flags
-
-    from sea_jax import generate
+def test_cli_prints_the_decoded_answer(setup, tmp_path):
+    import os
+    import subprocess
+    import sys
 
     cfg, params, tok, out, gen, _, _ = setup
     image, pixels, ids = _inputs(cfg, tok, 0)
     path = str(tmp_path / "img.png")
     image.save(path)
-    try:
-        generate._define_flags()
-    except flags.DuplicateFlagError:
-        pass
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["generate", f"--hf={out}", f"--image={path}", f"--prompt={PROMPTS[0]}", f"--max_new_tokens={N}", "--dtype=float32"])
-    generate.main(["generate"])
-    printed = capsys.readouterr().out
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    res = subprocess.run([sys.executable, "-m", "sea_jax.generate", f"--hf={out}", f"--image={path}",
+                          f"--prompt={PROMPTS[0]}", f"--max_new_tokens={N}", "--dtype=float32"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    printed = res.stdout
     eos, pad = _eos(out)
     want = gen(params, pixels[None], ids[None], max_new_tokens=N, eos_token_id=eos, pad_token_id=pad)
     text = tok.decode(np.asarray(want.tokens[0, : int(want.lengths[0])]), skip_special_tokens=True)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sea_jax.align import labels
+from sea_jax.align import semantic_labels as labels
 
 
 # ----------------------------------------------------------------------------------------------

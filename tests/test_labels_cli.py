@@ -90,7 +90,7 @@ def assets(tmp_path_factory):
 
 def _overrides(a, workdir, **extra):
     args = {
-        "siglip.checkpoint": a["ckpt"], "labels.word_list": a["words"], "data.json": a["json"],
+        "vision.checkpoint": a["ckpt"], "labels.word_list": a["words"], "data.json": a["json"],
         "data.image_root": a["images"], "labels.cache_dir": str(a["root"] / "cache"),
     }
     args.update(extra)
@@ -105,7 +105,7 @@ def _config(a, **extra):
     finally:
         sys.path.pop(0)
     c = labels_tiny.get_config()
-    c.siglip.checkpoint, c.labels.word_list = a["ckpt"], a["words"]
+    c.vision.checkpoint, c.labels.word_list = a["ckpt"], a["words"]
     c.data.json, c.data.image_root = a["json"], a["images"]
     c.labels.cache_dir = str(a["root"] / "cache")
     for k, v in extra.items():
@@ -301,11 +301,11 @@ def test_big_vision_npz_and_sentencepiece_file(assets, expected, tmp_path):
     cfg, params = hf_siglip.load_hf_siglip(assets["ckpt"])
     npz = str(tmp_path / "siglip.npz")
     big_vision.save_npz(npz, params, cfg)
-    c = _config(assets, **{"data.image_size": 32})
-    c.siglip.checkpoint = npz
-    c.siglip.variant = "B/8"
-    c.siglip.tokenizer = str(assets["root"] / "spiece.model")
-    c.siglip.overrides = ml_collections.ConfigDict(dict(
+    c = _config(assets, **{"vision.image_size": 32})
+    c.vision.checkpoint = npz
+    c.vision.variant = "B/8"
+    c.vision.tokenizer = str(assets["root"] / "spiece.model")
+    c.vision.overrides = ml_collections.ConfigDict(dict(
         width=32, depth=2, mlp_dim=64, num_heads=4, text_width=32, text_depth=1, text_mlp_dim=64,
         text_num_heads=4, out_dim=32, vocab_size=64, text_len=8))
     summary = cli.label_dataset(c, str(tmp_path))

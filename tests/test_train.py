@@ -165,7 +165,7 @@ def assets(tmp_path_factory):
 
 def _args(a, workdir, stage=1, data=None, **extra):
     cfg = TINY + (":stage2" if stage == 2 else "")
-    over = {"llm.checkpoint": a["llm"], "siglip.checkpoint": a["siglip"], "labels.word_list": a["words"],
+    over = {"llm.checkpoint": a["llm"], "vision.checkpoint": a["siglip"], "labels.word_list": a["words"],
             "data.json": data or (a["stage1"] if stage == 1 else a["stage2"]), "data.image_root": a["images"],
             "labels.cache_dir": str(a["root"] / "word_cache")}
     over.update(extra)
@@ -205,9 +205,9 @@ def _metrics(run):
 
 
 def _params(run, step=None):
-    from sea_jax import checkpoint
+    from sea_jax import builder, rundir
 
-    return checkpoint.Checkpointer(checkpoint.checkpoint_dir(run), async_save=False).restore_params(step)
+    return builder.restore_trained(rundir.RunDir.find(str(run)), step)
 
 
 def _assert_trees_equal(a, b):
@@ -265,9 +265,10 @@ def test_stage1_then_stage2_with_bad_data(assets, tmp_path):
     d_stage1 = np.abs(p2["adapter"]["linear_1"]["kernel"] - p1["adapter"]["linear_1"]["kernel"]).mean()
     assert d_stage1 < 0.05 * np.abs(p1["adapter"]["linear_1"]["kernel"]).mean() + 0.03
     # the export entry point sees the full tree
-    from sea_jax.checkpoint import load_params_from_workdir
+    from sea_jax.builder import load_trained
 
-    config, full = load_params_from_workdir(str(wd))
+    trained = load_trained(str(wd))
+    config, full = trained.config, trained.params
     assert config.stage == 2 and sorted(full) == ["adapter", "llm", "log_tau", "vision"]
     np.testing.assert_array_equal(full["log_tau"], p1["log_tau"])
     assert full["llm"]["embedder"]["embedding"].shape[0] == len(_tokenizer()) + 1  # + <image>
@@ -281,7 +282,6 @@ def test_stage1_then_stage2_with_bad_data(assets, tmp_path):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from sea_jax.export import load_workdir
 
     hf = AutoModelForImageTextToText.from_pretrained(out).eval()
     proc = AutoProcessor.from_pretrained(out)
@@ -291,7 +291,7 @@ def test_stage1_then_stage2_with_bad_data(assets, tmp_path):
     inputs = proc(images=image, text=prompt, return_tensors="pt")
     with torch.no_grad():
         want = hf(**inputs).logits.numpy()
-    ours = load_workdir(str(wd))
+    ours = load_trained(str(wd))
     from sea_jax.models.mllm import MLLM
 
     got = MLLM(ours.cfg)(jax_tree(ours.params), jnp.asarray(inputs["pixel_values"].permute(0, 2, 3, 1).numpy()),
@@ -477,7 +477,7 @@ def test_recipe_configs_name_every_missing_path(name, tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         train.check_paths(c, str(tmp_path))
     msg = str(e.value)
-    for field in ("llm.checkpoint", "siglip.checkpoint", "data.json", "data.image_root"):
+    for field in ("llm.checkpoint", "vision.checkpoint", "data.json", "data.image_root"):
         assert f"config.{field}=" in msg, (field, msg)
     if stage2:
         assert "config.train.init_from" in msg
@@ -513,11 +513,11 @@ def _probe_real_config_run(a, wd, tmp_path):
     import torch
     from transformers import SiglipModel
 
-    from sea_jax import probe
-    from sea_jax.align import labels as L
-    from sea_jax.checkpoint import load_config
+    from sea_jax import builder, probe
+    from sea_jax.align import semantic_labels as L
+    from sea_jax.align.recall import word_hits
     from sea_jax.data.images import load_and_preprocess
-    from sea_jax.labels import load_tokenizer
+    from sea_jax.rundir import RunDir
 
     images = [os.path.join(a["images"], f"img{i}.png") for i in range(3)]
     out = tmp_path / "probe.png"
@@ -532,13 +532,13 @@ def _probe_real_config_run(a, wd, tmp_path):
 
     r = probe.probe_workdir(str(wd), stage=1, images=images)
     assert r.truth is None and m["label_accuracy"] == pytest.approx(r.metrics["label_accuracy"])
-    np.testing.assert_array_equal(r.correct(), probe.word_hits(r.recalled, r.labels, r.label_valid))
+    np.testing.assert_array_equal(r.correct(), word_hits(r.recalled, r.labels, r.label_valid))
     # the SigLIP labels, recomputed with transformers: each patch alone through the MAP head
     # (the trainer's ``labels.feature``) against the text tower's embedding of every word
-    config = load_config(os.path.join(wd, "stage1"))
+    config = RunDir(str(wd), 1).load_config()
     hf = SiglipModel.from_pretrained(a["siglip"]).eval()
     words = L.load_word_list(a["words"])
-    tok, _ = load_tokenizer(config.siglip)
+    tok, _ = builder.load_vision_tokenizer(config)
     ids = L.make_tokenize_fn(tok, max_length=hf.config.text_config.max_position_embeddings,
                              template=config.labels.prompt)(words)
     x = np.stack([load_and_preprocess(p, hf.config.vision_config.image_size) for p in images])

@@ -273,7 +273,7 @@ def test_empty_label_batch_gives_zero_align_loss_and_finite_grads(setup):
 
 def test_on_the_fly_labels_equal_precomputed_ones(setup):
     """Labels from the SigLIP forward inside the step == the same labels passed in the batch."""
-    from sea_jax.align import labels as labels_lib
+    from sea_jax.align import semantic_labels as labels_lib
 
     _, model, params, _, table = setup
     batch = jax.tree.map(jnp.asarray, _batch(b=4, seed=7))

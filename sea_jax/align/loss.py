@@ -47,7 +47,7 @@ from sea_jax import sharding
 from sea_jax.align.sampling import AxisName, Pairs
 
 DEFAULT_TAU_MIN = 0.01
-# DESIGN.md: the paper's "tau = 0" is the initial value of log_tau, i.e. tau = 1.
+# docs/design.md: the paper's "tau = 0" is the initial value of log_tau, i.e. tau = 1.
 DEFAULT_LOG_TAU_INIT = 0.0
 
 

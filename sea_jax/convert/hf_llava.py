@@ -1,4 +1,6 @@
-"""sea_jax MLLM <-> Hugging Face ``LlavaForConditionalGeneration`` folders (export and import).
+"""sea_jax MLLM <-> Hugging Face ``LlavaForConditionalGeneration`` folders (export and import):
+the parameter mapping and the config. The tokenizer, processor and generation-config files of the
+folder are :mod:`sea_jax.convert.llava_files`.
 
 The Llava mapping is composed from the family mappings, run through the one converter engine
 (:mod:`sea_jax.convert.mapping`); nothing here converts a tensor by itself:
@@ -53,55 +55,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from sea_jax import sharding
-from sea_jax.convert import hf_llm, hf_siglip, mapping
+from sea_jax.convert import hf_llm, hf_siglip, llava_files, mapping
 from sea_jax.convert.mapping import Identity, Linear, Param
-from sea_jax.models import llm as llm_lib
-from sea_jax.models import siglip
-from sea_jax.models.adapter import Adapter
 from sea_jax.models.mllm import MLLMConfig
+from sea_jax.models.mllm import abstract_params as mllm_abstract_params
 
 
-IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN = llava_files.IMAGE_TOKEN
 
 # (vision tower, projector, decoder, lm_head) name prefixes of the two namings.
 NAMING_DISK = ("vision_tower.", "multi_modal_projector.", "language_model.model.", "language_model.lm_head.weight")
 NAMING_MEMORY = ("model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", "lm_head.weight")
 _NAMINGS = {"disk": NAMING_DISK, "memory": NAMING_MEMORY}
-
-# LLaVA stage-1 ("plain") has no chat format: image then text. Used when the tokenizer has no
-# chat template and none is given.
-PLAIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['content'] }}"
-    "{% if not loop.last %}\n{% endif %}{% endfor %}"
-)
-
-# Prepended to the LLM's chat template: turns HF-processor style contents
-# ([{"type": "image"}, {"type": "text", "text": ...}]) into the string LLaVA trains on
-# ("<image>\n" + text), then the LLM's own template renders the strings. String contents pass
-# through untouched, so the tokenizer and the processor render the same text for the same chat.
-_CONTENT_TO_STRING = (
-    "{%- set _sea = namespace(msgs=[]) -%}"
-    "{%- for m in messages -%}"
-    "{%- if m['content'] is string -%}{%- set _sea.msgs = _sea.msgs + [m] -%}"
-    "{%- else -%}{%- set _c = namespace(s='') -%}"
-    "{%- for part in m['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{%- set _c.s = _c.s + '<image>\n' -%}"
-    "{%- elif part['type'] == 'text' -%}{%- set _c.s = _c.s + part['text'] -%}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- set _sea.msgs = _sea.msgs + [{'role': m['role'], 'content': _c.s}] -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- set messages = _sea.msgs -%}"
-)
-_WRAP_MARK = "{%- set _sea = namespace(msgs=[]) -%}"
-
-
-def multimodal_chat_template(template: str) -> str:
-    """The LLM's chat template extended to image/text content lists (idempotent)."""
-    if template.startswith(_WRAP_MARK):
-        return template
-    return _CONTENT_TO_STRING + template
-
 
 # ----------------------------------------------------------------------------------------------
 # Mapping and config
@@ -215,89 +180,6 @@ def config_from_llava(hf: Mapping, source: str = "config.json", **llm_overrides)
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizer and processor
-
-
-def prepare_tokenizer(tokenizer: Any, cfg: MLLMConfig, chat_template: str | None = None):
-    """A copy of ``tokenizer`` with ``<image>`` an added special token at ``cfg.image_token_id``
-    and the multimodal chat template.
-
-    Adding ``<image>`` grows the tokenizer by one when it lacks the token: its new id must be the
-    model's ``image_token_id`` and every token id must have an embedding row (len(tokenizer) <=
-    vocab_size); otherwise the export would silently give the placeholder someone else's row, so
-    this raises and says what to fix.
-    """
-    import tempfile
-
-    from tokenizers import AddedToken
-    from transformers import AutoTokenizer
-
-    added = IMAGE_TOKEN not in tokenizer.get_vocab()
-    # A reload is the public way (transformers 5) to name <image> as the tokenizer's
-    # ``image_token`` (saved in tokenizer_config.json, read by LlavaProcessor); it also leaves the
-    # caller's tokenizer untouched.
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True, extra_special_tokens={"image_token": IMAGE_TOKEN})
-    tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
-    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    if image_id != cfg.image_token_id:
-        how = "was added to the tokenizer and got" if added else "is in the tokenizer as"
-        raise ValueError(
-            f"{IMAGE_TOKEN} {how} id {image_id}, but the model's image_token_id is {cfg.image_token_id}; "
-            "export with the tokenizer the model was trained with"
-        )
-    if len(tok) > cfg.llm.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {len(tok)} tokens (with {IMAGE_TOKEN}) but the LLM's embedding has only "
-            f"{cfg.llm.vocab_size} rows; resize the embedding (and lm_head) to at least {len(tok)} rows"
-        )
-    template = chat_template or tok.chat_template or PLAIN_CHAT_TEMPLATE
-    if isinstance(template, dict):
-        template = template.get("default") or next(iter(template.values()))
-    tok.chat_template = multimodal_chat_template(template)
-    return tok
-
-
-def image_processor(cfg: MLLMConfig, pad_to_square: bool):
-    """``LlavaImageProcessorPil`` doing what :func:`sea_jax.data.images.preprocess_image` does."""
-    from transformers.models.llava import LlavaImageProcessorPil
-
-    from sea_jax.data.images import SIGLIP_MEAN, SIGLIP_STD
-
-    s = cfg.vision.image_size
-    return LlavaImageProcessorPil(
-        do_resize=True,
-        size={"height": s, "width": s},
-        resample=3,  # PIL bicubic
-        do_center_crop=False,
-        crop_size={"height": s, "width": s},  # read by the processor to count image tokens
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(SIGLIP_MEAN),
-        image_std=list(SIGLIP_STD),
-        do_pad=bool(pad_to_square),  # LLaVA expand2square with int(mean * 255), before the resize
-        do_convert_rgb=True,
-    )
-
-
-def make_processor(cfg: MLLMConfig, tokenizer: Any, pad_to_square: bool):
-    """``LlavaProcessor`` over a tokenizer from :func:`prepare_tokenizer`."""
-    from transformers import LlavaProcessor
-
-    return LlavaProcessor(
-        image_processor=image_processor(cfg, pad_to_square),
-        tokenizer=tokenizer,
-        patch_size=cfg.vision.patch_size,
-        vision_feature_select_strategy="full",
-        chat_template=tokenizer.chat_template,
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=0,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
 # Export
 
 
@@ -353,7 +235,7 @@ def export_llava(
     """
     np_dtype = _np_dtype(dtype)
     hf_config = llava_config(cfg, tokenizer, np_dtype)
-    tok = prepare_tokenizer(tokenizer, cfg, chat_template)
+    tok = llava_files.prepare_tokenizer(tokenizer, cfg, chat_template)
     tensors = mapping.export(llava_param_mapping(cfg, "disk"), params, dtype=np_dtype)
     if jax.process_index() != 0:
         for _ in tensors:  # take part in every gather, write nothing
@@ -363,30 +245,13 @@ def export_llava(
     _remove_stale_weights(out_dir)
     files = mapping.save_safetensors(tensors, out_dir, max_shard_bytes=max_shard_bytes)
     _write_json(os.path.join(out_dir, "config.json"), hf_config)
-    _write_generation_config(cfg, tok, out_dir)
-    processor = make_processor(cfg, tok, pad_to_square)
+    llava_files.write_generation_config(cfg, tok, out_dir)
+    processor = llava_files.make_processor(cfg, tok, pad_to_square)
     processor.save_pretrained(out_dir)
     # transformers 5 nests the image processor in processor_config.json; older loaders (and
     # vLLM's) read preprocessor_config.json, so it is written as well.
     processor.image_processor.save_pretrained(out_dir)
     return files
-
-
-def _write_generation_config(cfg: MLLMConfig, tok: Any, out_dir: str) -> None:
-    from transformers import GenerationConfig
-
-    eos = cfg.llm.eos_token_id
-    eos_ids = list(eos) if isinstance(eos, tuple) else ([] if eos is None else [eos])
-    if tok.eos_token_id is not None and tok.eos_token_id not in eos_ids:
-        eos_ids.append(tok.eos_token_id)
-    pad = cfg.llm.pad_token_id if cfg.llm.pad_token_id is not None else tok.pad_token_id
-    bos = cfg.llm.bos_token_id if cfg.llm.bos_token_id is not None else tok.bos_token_id
-    gen = GenerationConfig(
-        bos_token_id=bos,
-        eos_token_id=eos_ids[0] if len(eos_ids) == 1 else (eos_ids or None),
-        pad_token_id=pad,
-    )
-    gen.save_pretrained(out_dir)
 
 
 # LLaVA (haotian-liu/LLaVA) saves the stage-1 projector as ``mm_projector.bin``: the state dict of
@@ -476,17 +341,6 @@ def read_llava_config(folder: str) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
-def abstract_params(cfg: MLLMConfig) -> dict:
-    """Boxed (logically partitioned) shapes of ``{"vision": {"img"}, "adapter", "llm"}``."""
-    vis = siglip.abstract_params(cfg.vision)["img"]
-    adapter = jax.eval_shape(
-        lambda: Adapter(out_dim=cfg.llm.hidden, kind=cfg.adapter).init(
-            jax.random.key(0), jnp.zeros((1, 1, cfg.vision.width), jnp.float32)
-        )["params"]
-    )
-    return {"vision": {"img": vis}, "adapter": adapter, "llm": llm_lib.abstract_variables(cfg.llm)["params"]}
-
-
 def _detect_naming(reader: mapping.TensorReader, folder: str) -> str:
     keys = set(reader.keys())
     for naming, (_, _, lm, _) in _NAMINGS.items():
@@ -510,7 +364,7 @@ def load_llava_params(
     reader = mapping.SafetensorsReader(folder)
     naming = _detect_naming(reader, folder)
     plist = llava_param_mapping(cfg, naming)
-    abstract = abstract_params(cfg)
+    abstract = mllm_abstract_params(cfg)
     expected = nn.unbox(abstract)
     shardings = sharding.placements(abstract, mesh, rules)
     head = _NAMINGS[naming][3]
@@ -560,23 +414,6 @@ def import_llava(
     return cfg, params, tok
 
 
-def read_preprocessing(folder: str) -> dict:
-    """``{"image_size": int, "pad_to_square": bool}`` of an exported folder's image processor, so
-    generation in JAX preprocesses as the folder says (processor_config.json, else
-    preprocessor_config.json)."""
-    for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
-            with open(path) as f:
-                d = json.load(f)
-            d = d.get(key, {}) if key else d
-            if d:
-                size = d.get("size", {})
-                side = size.get("height") or size.get("shortest_edge")
-                return {"image_size": side, "pad_to_square": bool(d.get("do_pad", False))}
-    raise FileNotFoundError(f"{folder}: no processor_config.json or preprocessor_config.json")
-
-
 __all__ = [
     "IMAGE_TOKEN",
     "NAMING_DISK",
@@ -585,17 +422,11 @@ __all__ = [
     "llava_param_mapping",
     "llava_config",
     "config_from_llava",
-    "prepare_tokenizer",
-    "multimodal_chat_template",
-    "image_processor",
-    "make_processor",
     "export_llava",
     "export_adapter",
     "load_adapter",
     "adapter_mapping",
     "read_llava_config",
-    "abstract_params",
     "load_llava_params",
     "import_llava",
-    "read_preprocessing",
 ]

@@ -69,14 +69,11 @@ import numpy as np
 
 from sea_jax.data import images as image_lib
 from sea_jax.data.llava import SKIP_REASONS, Encoder, SkipSample, parse_record, record_id
+from sea_jax.errors import DataFormatError, PathError
 
 log = logging.getLogger("sea_jax.data")
 
 HOST_KEYS = ("sample_id",)
-
-
-class DataFormatError(ValueError):
-    """A data file that cannot be parsed at all (as opposed to a bad record, which is skipped)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +89,7 @@ def load_records(path: str) -> list:
       FileNotFoundError: ``path`` does not exist.
     """
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data file {path!r} does not exist")
+        raise PathError(f"data file {path!r} does not exist")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if path.endswith(".jsonl"):

@@ -123,7 +123,7 @@ def pretrain_siglip(folder: str, paths: assets_lib.Assets, cfg, *, steps: int = 
     of steps)."""
     from transformers import AutoTokenizer
 
-    from sea_jax.align import labels as L
+    from sea_jax.align import semantic_labels as L
     from sea_jax.convert import hf_siglip
     from sea_jax.models import siglip
 

@@ -8,7 +8,7 @@
 * :func:`format_table`: the Markdown table the demo prints (alignment accuracy from
   :mod:`sea_jax.probe`, caption loss, QA accuracy, a few answered questions).
 
-Everything loads the run through :func:`sea_jax.export.load_workdir`, as ``sea_jax.export`` and
+Everything loads the run through :func:`sea_jax.builder.load_trained`, as ``sea_jax.export`` and
 ``sea_jax.generate`` do (the checkpoint, the frozen parts the config names, the tokenizer the run
 saved).
 """
@@ -35,12 +35,12 @@ def heldout_caption_loss(workdir: str, records_json: str, image_root: str, *, st
     from sea_jax.data import llava, pipeline
     from sea_jax.models.mllm import lm_loss
 
-    from sea_jax.export import load_workdir
+    from sea_jax.builder import load_trained
     from sea_jax.models.mllm import MLLM
 
-    run = load_workdir(workdir, stage=stage)
+    run = load_trained(workdir, stage=stage)
     mllm, params, tok, cfg = MLLM(run.cfg), run.params, run.tokenizer, run.cfg
-    L = int(run.run_config.data.max_length)
+    L = int(run.config.data.max_length)
     enc = llava.Encoder(tok, "plain", cfg.image_token_id, cfg.num_image_tokens, L)
     rows = []
     for k, r in enumerate(pipeline.load_records(records_json)):
@@ -82,12 +82,12 @@ def answer_questions(workdir: str, questions: Sequence[tuple[str, str, str]], *,
     lower-cased before the comparison, as the world writes them).
     """
     from sea_jax import generate as gen
-    from sea_jax.convert.hf_llava import prepare_tokenizer
+    from sea_jax.convert.llava_files import prepare_tokenizer
     from sea_jax.data import images as images_lib
-    from sea_jax.export import load_workdir
+    from sea_jax.builder import load_trained
     from sea_jax.models.mllm import MLLM
 
-    run = load_workdir(workdir, stage=stage)
+    run = load_trained(workdir, stage=stage)
     mllm, params, cfg = MLLM(run.cfg), run.params, run.cfg
     tok = prepare_tokenizer(run.tokenizer, cfg, run.chat_template)  # as ``python -m sea_jax.generate``
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -1,10 +1,12 @@
 """The whole demo in one call: SEA and lambda = 0 stage 1, stage 2 of each, and the report.
 
-``python -m sea_jax.train --config=configs/demo.py --workdir=DIR`` lands here (``demo.full_run``):
+``python -m sea_jax.train --config=configs/demo.py --workdir=DIR`` lands in :func:`run_demo` (the
+config's ``runner``; ``configs/demo.py:stage1`` and ``:stage2`` land in :func:`run_stage`):
 
 1. :func:`sea_jax.demo.prepare` builds (or finds) the world and the pretrained towers once, in
    ``DIR/demo_assets`` (or ``demo.assets``, shared by several workdirs, e.g. seeds).
-2. Stage 1 twice through the ordinary trainer (:func:`sea_jax.train.train`): SEA with the
+2. Stage 1 twice through the ordinary trainer (:func:`sea_jax.train.train`), each arm's config
+   filled by :func:`sea_jax.demo.prepare`: SEA with the
    config's lambda in ``DIR/stage1``, and, with ``demo.compare``, the same run with lambda = 0
    (plain LLaVA pretraining) in ``DIR/baseline/stage1``. Same seed, data order, steps and
    learning rate: lambda is the only difference.
@@ -43,18 +45,27 @@ def stage2_config(config, num_steps: int | None = None):
         c.optim.lr = 1e-3
         if num_steps is not None:
             c.train.num_steps = int(num_steps)
-        if "demo" in c:
-            c.demo.full_run = False
     return c
 
 
 def _arm(config, lam: float, assets: str):
     c = config.copy_and_resolve_references()
     with c.unlocked():
+        c.runner = ""
         c.sea.lam = float(lam)
-        c.demo.full_run = False
         c.demo.assets = assets
     return c
+
+
+def run_stage(config, workdir: str) -> dict[str, Any]:
+    """One stage of the demo (``configs/demo.py:stage1`` / ``:stage2``): the assets, then the trainer."""
+    from sea_jax.demo.prepare import prepare
+    from sea_jax.train import train
+
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        c.runner = ""
+    return train(prepare(c, workdir), workdir)
 
 
 def _questions(config, assets: str) -> list[tuple[str, str, str, str]]:
@@ -80,9 +91,11 @@ def run_demo(config, workdir: str) -> dict[str, Any]:
     """Runs the demo (see the module docstring); returns the report dict also written as JSON."""
     import jax
 
-    from sea_jax import probe, train
+    from sea_jax import probe
+    from sea_jax.align.recall import PatchTruth
     from sea_jax.demo import report
     from sea_jax.demo.prepare import assets_dir, prepare
+    from sea_jax.train import train
 
     d = config.demo
     assets = assets_dir(workdir, config)
@@ -94,10 +107,11 @@ def run_demo(config, workdir: str) -> dict[str, Any]:
     for name, (wd, lam) in arms.items():
         c1 = _arm(config, lam, assets)
         logging.info("demo: %s arm, stage 1 (lambda=%g) in %s", name, lam, wd)
-        train.train(c1, wd)
+        train(prepare(c1, wd), wd)
         if stage2 > 0:
             logging.info("demo: %s arm, stage 2 in %s", name, wd)
-            train.train(stage2_config(c1, stage2), wd)
+            c2 = stage2_config(c1, stage2)
+            train(prepare(c2, wd), wd)
     if jax.process_index() != 0:
         return {}
 
@@ -105,8 +119,9 @@ def run_demo(config, workdir: str) -> dict[str, Any]:
     eval_json = os.path.join(assets, "world", "eval.json")
     image_root = prepared.data.image_root
     base = arms.get("baseline", (None,))[0]
+    truth = PatchTruth.load(os.path.join(workdir, "probe_truth.npz"))
     summary = probe.run_probe(workdir, base, stage=1, out=os.path.join(workdir, "probe.png"),
-                              num_images=int(d.num_eval), plot_images=int(d.plot_images))
+                              num_images=int(d.num_eval), plot_images=int(d.plot_images), truth=truth)
     metrics: dict[str, dict[str, Any]] = {"SEA": dict(summary["run"])}
     if base:
         metrics["baseline"] = dict(summary["baseline"])
@@ -135,4 +150,4 @@ def run_demo(config, workdir: str) -> dict[str, Any]:
     return out
 
 
-__all__ = ["run_demo", "stage2_config"]
+__all__ = ["run_demo", "run_stage", "stage2_config"]

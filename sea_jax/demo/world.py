@@ -6,7 +6,7 @@ question about "the circle" or "the red shape" has one answer), each small or la
 they do not overlap much. Everything about image ``i`` comes from ``np.random.default_rng([seed, i])``:
 image ``i`` is the same whatever the number of images asked for, and the same on every machine.
 
-Ground truth, for the alignment probe of issue 8: shapes are drawn on a ``supersample`` times finer
+Ground truth, for the alignment probe (``sea_jax.probe``): shapes are drawn on a ``supersample`` times finer
 grid with hard edges, which gives an exact map of which object (or the background) each sub-pixel
 shows; the image is that rendering box-filtered down (anti-aliased edges). For every ViT patch,
 the label with the most sub-pixels wins (plurality; ties go to the topmost, i.e. latest drawn,

@@ -9,8 +9,7 @@ path.
 
 Gemma's sqrt(hidden) input scale: in transformers >= 5 it lives in the embedding module
 (``GemmaTextScaledWordEmbedding``), so HF Llava scales the *text* rows and writes the visual tokens
-unscaled (transformers 4 scaled every row inside ``GemmaModel``; DESIGN.md describes that older
-behaviour). We match the pinned transformers, so an exported model gives the same logits. The two
+unscaled (transformers 4, which the paper's code used, scaled every row inside ``GemmaModel``). We match the pinned transformers, so an exported model gives the same logits. The two
 conventions differ only by a constant factor on the adapter's last layer.
 
 The three parts stay separate parameter trees (``{"vision", "adapter", "llm"}``) so a train step
@@ -27,8 +26,9 @@ from jaxtyping import Array, Bool, Float, Int
 
 from sea_jax import sharding
 from sea_jax.models.adapter import Adapter
-from sea_jax.models.llm import LLM, LLMConfig
+from sea_jax.models.llm import LLM, LLMConfig, abstract_variables
 from sea_jax.models.siglip import ImageEncoding, ImageTower, SigLIPConfig
+from sea_jax.models.siglip import abstract_params as siglip_abstract_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,14 +59,28 @@ class Forward(NamedTuple):
     """One forward pass.
 
     Attributes:
-      logits: [b, l, vocab] float32.
+      logits: [b, l, vocab] float32, or None when the LM head was not applied.
       visual_tokens: [b, p, d] adapter outputs (what SEA aligns).
       image: the vision tower's outputs (``patch_embeds`` feeds on-the-fly labelling).
+      hidden: [b, l, d] the LLM's final hidden states (after its final norm), when the LM head was
+        not applied (:func:`lm_loss_chunked` applies it a chunk at a time); else None.
     """
 
-    logits: Float[Array, "b l v"]
+    logits: Float[Array, "b l v"] | None
     visual_tokens: Float[Array, "b p d"]
     image: ImageEncoding | None
+    hidden: Float[Array, "b l d"] | None = None
+
+
+def abstract_params(cfg: MLLMConfig) -> dict:
+    """Boxed (logically named) abstract parameters ``{"vision": {"img"}, "adapter", "llm"}``:
+    shapes, dtypes and logical axes, nothing allocated. The vision entry is the image tower only
+    (the text tower labels patches in training and is not part of the multimodal model)."""
+    adapter = Adapter(out_dim=cfg.llm.hidden, kind=cfg.adapter, dtype=cfg.llm.dtype)
+    feats = jnp.zeros((1, cfg.vision.num_patches, cfg.vision.width), jnp.float32)
+    return {"vision": {"img": siglip_abstract_params(cfg.vision)["img"]},
+            "adapter": jax.eval_shape(lambda: adapter.init(jax.random.key(0), feats)["params"]),
+            "llm": abstract_variables(cfg.llm)["params"]}
 
 
 def merge_image_tokens(
@@ -142,14 +156,16 @@ class MLLM:
     ) -> Forward:
         """Forward pass from the adapter's input features (``hidden_states[vision_feature_layer]``),
         e.g. computed once per step for a frozen tower and reused by every microbatch.
-        ``compute_logits=False`` puts the final hidden states in ``logits``' place (for
-        :func:`lm_loss_chunked`). ``image`` of the result is None."""
+        ``compute_logits=False`` returns the final hidden states (``hidden``) instead of the logits
+        (for :func:`lm_loss_chunked`). ``image`` of the result is None."""
         tokens = self.adapter.apply({"params": params["adapter"]}, feats)
         embeds = self.embed_inputs(params["llm"], input_ids, tokens)
         out = self.llm.apply(
             {"params": params["llm"]}, attention_mask=attention_mask, inputs_embeds=embeds, compute_logits=compute_logits
         )
-        return Forward(logits=out.logits if compute_logits else out.hidden, visual_tokens=tokens, image=None)
+        if compute_logits:
+            return Forward(logits=out.logits, visual_tokens=tokens, image=None)
+        return Forward(logits=None, visual_tokens=tokens, image=None, hidden=out.hidden)
 
 
 def lm_loss(

@@ -1,8 +1,6 @@
-"""Jitted, batched decoding for the multimodal model with a KV cache, and its CLI.
+"""Jitted, batched decoding for the multimodal model with a KV cache, and the prompt helpers.
 
-``python -m sea_jax.generate --hf=HF_DIR --image=PATH --prompt="What is shown?"`` (or
-``--workdir=DIR [--step=N]`` for a training run) preprocesses the image as training did, applies the
-chat template with ``<image>`` expanded to one placeholder per patch, decodes and prints.
+``python -m sea_jax.generate`` (:mod:`sea_jax.generate.__main__`) is the command line.
 
 Decoding (:class:`Generator`):
 
@@ -286,83 +284,5 @@ def pad_batch(rows: Sequence[np.ndarray], pad_id: int, side: str = "left") -> tu
     return ids, mask
 
 
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def _load(flags_) -> tuple[Any, Any, Any, dict]:
-    """(cfg, params, tokenizer, {"image_size", "pad_to_square"}) from --hf or --workdir."""
-    if bool(flags_.hf) == bool(flags_.workdir):
-        raise ValueError("pass exactly one of --hf and --workdir")
-    mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1)) if flags_.mesh else None
-    if flags_.hf:
-        from sea_jax.convert import hf_llava
-
-        overrides = {"dtype": jnp.dtype(flags_.dtype)} if flags_.dtype else {}
-        cfg, params, tok = hf_llava.import_llava(flags_.hf, mesh=mesh, **overrides)
-        return cfg, params, tok, hf_llava.read_preprocessing(flags_.hf)
-    from sea_jax.convert.hf_llava import prepare_tokenizer
-    from sea_jax.export import load_workdir
-
-    ck = load_workdir(flags_.workdir, flags_.step, mesh=mesh)
-    # The exported folder's tokenizer: <image> special, the multimodal chat template.
-    tok = prepare_tokenizer(ck.tokenizer, ck.cfg, ck.chat_template)
-    return ck.cfg, ck.params, tok, {"image_size": ck.cfg.vision.image_size, "pad_to_square": ck.pad_to_square}
-
-
-def main(argv: Sequence[str]) -> None:
-    from absl import flags
-
-    from sea_jax.data.images import load_and_preprocess
-
-    f = flags.FLAGS
-    if len(argv) > 1:
-        raise ValueError(f"unexpected arguments {argv[1:]}")
-    cfg, params, tok, pre = _load(f)
-    model = MLLM(cfg)
-    mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1)) if f.mesh else None
-    images, rows = [], []
-    for path in f.image:
-        images.append(load_and_preprocess(path, pre["image_size"], pad_to_square=pre["pad_to_square"]))
-    prompts = list(f.prompt)
-    if len(prompts) == 1 and len(images) > 1:
-        prompts = prompts * len(images)
-    if len(prompts) != len(images):
-        raise ValueError(f"{len(images)} images and {len(prompts)} prompts; pass one prompt or one per image")
-    for p in prompts:
-        rows.append(encode_prompt(tok, chat_prompt(tok, p), cfg.num_image_tokens))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids, mask = pad_batch(rows, pad, "left")
-    eos = stop_token_ids(tok, cfg.llm.eos_token_id)
-    out = Generator(model, mesh)(
-        params, np.stack(images), ids, mask, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
-        top_p=f.top_p, eos_token_id=eos, pad_token_id=pad, key=jax.random.key(f.seed),
-    )
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    for i, p in enumerate(prompts):
-        text = tok.decode(tokens[i, : lengths[i]], skip_special_tokens=True)
-        print(f"[{i}] {p}\n{text}", flush=True)
-
-
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_string("hf", "", "an exported HF Llava folder")
-    flags.DEFINE_string("workdir", "", "a training workdir (reads its checkpoint)")
-    flags.DEFINE_integer("step", None, "checkpoint step of --workdir (default: latest)")
-    flags.DEFINE_multi_string("image", None, "image file(s); one prompt each, or one prompt for all")
-    flags.DEFINE_multi_string("prompt", None, "user prompt(s)")
-    flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate at most")
-    flags.DEFINE_float("temperature", 0.0, "0 = greedy")
-    flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
-    flags.DEFINE_integer("seed", 0, "sampling seed")
-    flags.DEFINE_string("dtype", "", "compute dtype of the LLM (--hf only; default the folder's config)")
-    flags.DEFINE_bool("mesh", False, "shard the model over all local devices (fsdp)")
-    flags.mark_flags_as_required(["image", "prompt"])
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)
+__all__ = ["GenerateOutput", "Generator", "generate", "sample_token", "chat_prompt", "encode_prompt",
+           "stop_token_ids", "pad_batch", "IMAGE_TOKEN"]

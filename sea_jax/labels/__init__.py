@@ -1,52 +1,19 @@
 r"""Offline semantic labelling of a whole dataset (SEA, paper Eq. 4-6), on every host of a pod.
 
-    python -m sea_jax.labels --config=configs/labels_so400m.py --workdir=/path/run \
-        [--config.labels.top_n=10 --config.data.json=... ...]
+:func:`label_dataset` is the tool; ``python -m sea_jax.labels --config=configs/X.py --workdir=DIR``
+(:mod:`sea_jax.labels.__main__`) its command line. It works with every recipe config: it reads the
+``vision``, ``labels`` and ``data`` sections (``sea_jax.config.base_config`` describes each field).
 
 Every process labels its own slice of the dataset with the devices it owns (labelling is
 embarrassingly parallel: no cross-host collective is needed, so a slow or preempted host never
 stalls the others), writes shards, and the run that finds every shard complete writes the index and
 the summary.
 
-Config fields read (``ml_collections.ConfigDict``, overridable as ``--config.a.b=value``):
-
-``config.siglip``
-  ``checkpoint``  a HF ``SiglipModel`` folder (config.json + safetensors) or a big_vision ``.npz``.
-  ``variant``     for ``.npz`` only: the architecture, e.g. ``"So400m/14"`` (a HF folder has its
-                  config.json).
-  ``tokenizer``   a HF tokenizer folder, or a SentencePiece ``.model`` file (read with
-                  ``transformers.SiglipTokenizer``: SigLIP's lowercasing and punctuation stripping);
-                  ``""`` = the checkpoint folder.
-  ``dtype``       compute dtype of the towers, ``"float32"`` (default) or ``"bfloat16"`` (TPU).
-  ``overrides``   dict of further ``SigLIPConfig`` fields, e.g. ``{"scan": True}`` (optional; with a
-                  locked config, fields must exist in the config file to be set from the command line).
-``config.labels``
-  ``word_list``   ``"default"`` (wordfreq, :func:`sea_jax.align.labels.default_word_list`) or the
-                  path of a one-word-per-line file such as 12dicts' ``2of12.txt``.
-  ``default_size`` words in the default list (40000).
-  ``prompt``      template a word is embedded in, ``"{}"`` = the bare word (paper: T = h(W)).
-  ``top_n``       labels per patch (10).
-  ``negate_similarity`` rank by -cos (paper Eq. 6 / CLIP Surgery); False for SigLIP.
-  ``feature``     ``"map_head"`` (each patch through the MAP head, joint space) or ``"raw"``.
-  ``batch_size``  images per device step on each host; a multiple of the host's batch shards.
-  ``text_batch_size`` words per text-tower call while embedding the list (256; rounded up to a
-                  multiple of the host's batch shards, over which the words are split).
-  ``shard_size``  images per output shard (K; 1024).
-  ``output_dir``  where shards go; ``""`` = ``<workdir>/labels`` (set it to sit next to the data).
-  ``cache_dir``   word-table cache; ``""`` = ``<workdir>/word_table_cache``.
-  ``mesh``        per-host mesh, e.g. ``{"data": -1}`` (default) or ``{"data": -1, "tensor": 2}``.
-  ``word_axes``   mesh axes splitting the word table (``"tensor"``; ``""`` = replicated).
-  ``chunk_size``  scan the word table in chunks of this many words (0 = all at once).
-  ``matmul_precision`` ``"highest"`` (default), ``"high"`` or ``"default"`` for the similarity.
-  ``num_workers`` image-decoding threads per host (8).
-  ``max_shards``  stop after writing this many shards in this run (0 = no limit): lets time-boxed
-                  or preemptible jobs make progress in steps; a later run resumes.
-  ``process_index``, ``process_count``  -1 = from JAX; set them to run hosts as independent jobs.
-``config.data``
-  ``json``        LLaVA-format JSON: ``[{"id": ..., "image": "rel/path.jpg", "conversations": ...}]``.
-  ``image_root``  folder the ``image`` paths are relative to.
-  ``image_size``  pixels per side (0 = the checkpoint's).
-  ``pad_to_square`` pad with the mean colour before resizing (LLaVA stage 2 style).
+Fields read: ``vision.*`` (the tower, its tokenizer, dtype), ``labels.*`` (word list, prompt,
+top_n, sign, feature, batch and shard sizes, output and cache folders, per-host mesh, word-table
+split, precision, decoding threads, ``max_shards``, ``process_index`` / ``process_count``) and
+``data.json``, ``data.image_root``, ``data.pad_to_square``; the image size is the tower's
+(``vision.image_size``).
 
 Outputs, under ``output_dir``:
 
@@ -55,7 +22,7 @@ Outputs, under ``output_dir``:
 * ``words.txt`` -- the word list; a word id is a line index.
 * ``shard-SSSSS-of-NNNNN.npz`` -- shard s holds unique images [s*K, (s+1)*K) in first-appearance
   order of the JSON. Arrays: ``ids`` int32 [k, p, n] (-1 where the label was dropped, score <= 0),
-  ``scores`` float16 [k, p, n] (the ranking similarity, see ``sea_jax.align.labels``), ``image``
+  ``scores`` float16 [k, p, n] (the ranking similarity, see ``sea_jax.align.semantic_labels``), ``image``
   [k] relative paths, ``image_index`` int64 [k], ``bad_image`` / ``bad_reason`` (images skipped),
   and statistics for the summary (``word_counts`` [W], ``word_score_sum`` [W], ``score_hist``).
   Written to a temp name, fsynced, then renamed: a shard file that exists is complete, so a killed
@@ -87,41 +54,15 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from sea_jax import config as config_lib
 from sea_jax.data import images as image_lib
+from sea_jax.errors import ConfigError, DataFormatError, PathError
 
 SCORE_BINS = 200  # histogram of kept scores over (0, 1]: 0.005-wide bins
 META_KEYS = (
     "words_sha256", "num_words", "top_n", "negate_similarity", "feature", "prompt", "image_size",
     "pad_to_square", "checkpoint_id", "tokenizer_id", "shard_size", "num_images", "num_shards",
 )
-
-
-# ----------------------------------------------------------------------------------------------
-# Config
-
-
-def default_config():
-    """A ``ConfigDict`` with every field this CLI reads, at its default (see the module docstring).
-
-    ``siglip.checkpoint`` and ``data.json`` / ``data.image_root`` must be set; project configs can
-    start from this and override.
-    """
-    import ml_collections
-
-    c = ml_collections.ConfigDict()
-    c.siglip = ml_collections.ConfigDict(
-        {"checkpoint": "", "variant": "", "tokenizer": "", "dtype": "float32",
-         "overrides": ml_collections.ConfigDict()}
-    )
-    c.labels = ml_collections.ConfigDict({
-        "word_list": "default", "default_size": 40_000, "prompt": "{}", "top_n": 10,
-        "negate_similarity": False, "feature": "map_head", "batch_size": 32, "text_batch_size": 256,
-        "shard_size": 1024, "output_dir": "", "cache_dir": "", "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
-        "word_axes": "tensor", "chunk_size": 0, "matmul_precision": "highest", "num_workers": 8,
-        "max_shards": 0, "process_index": -1, "process_count": -1,
-    })
-    c.data = ml_collections.ConfigDict({"json": "", "image_root": "", "image_size": 0, "pad_to_square": False})
-    return c
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,10 +91,9 @@ class Dataset:
 
 def read_llava_json(path: str) -> Dataset:
     """Parses a LLaVA-format JSON list. A record's ``image`` must be a non-empty string or absent."""
-    with open(path, encoding="utf-8") as f:
-        records = json.load(f)
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    from sea_jax.data.pipeline import load_records
+
+    records = load_records(path)
     position: dict[str, int] = {}
     images: list[str] = []
     samples: list[tuple[str, int]] = []
@@ -161,14 +101,14 @@ def read_llava_json(path: str) -> Dataset:
     no_image = duplicates = 0
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
-            raise ValueError(f"{path}: record {i} is not an object")
+            raise DataFormatError(f"{path}: record {i} is not an object")
         sid = str(rec.get("id", i))
         image = rec.get("image")
         if image is None or image == "":
             no_image += 1
             continue
         if not isinstance(image, str):
-            raise ValueError(f"{path}: record {i} (id {sid!r}): 'image' must be a string, got {image!r}")
+            raise DataFormatError(f"{path}: record {i} (id {sid!r}): 'image' must be a string, got {image!r}")
         if image not in position:
             position[image] = len(images)
             images.append(image)
@@ -203,13 +143,13 @@ def _remove_stale_temps(out_dir: str, shards: Sequence[int], num_shards: int) ->
 
 
 def _write_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
-    from sea_jax.align.labels import atomic_write
+    from sea_jax.align.semantic_labels import atomic_write
 
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _write_text_atomic(path: str, text: str) -> None:
-    from sea_jax.align.labels import atomic_write
+    from sea_jax.align.semantic_labels import atomic_write
 
     atomic_write(path, lambda f: f.write(text), mode="w")
 
@@ -239,63 +179,6 @@ def _precision(name: str):
     if name not in table:
         raise ValueError(f"labels.matmul_precision must be one of {sorted(table)}, got {name!r}")
     return table[name]
-
-
-def _get(cfg, name: str, default: Any) -> Any:
-    """``cfg.name`` if the (ConfigDict) field exists, else ``default``: optional fields."""
-    return cfg[name] if name in cfg else default
-
-
-def load_siglip(siglip_cfg, mesh, image_size: int):
-    """(SigLIPConfig, params) from ``siglip_cfg.checkpoint`` (HF folder or big_vision .npz)."""
-    from sea_jax.convert import big_vision, hf_siglip
-    from sea_jax.models import siglip
-
-    ckpt = siglip_cfg.checkpoint
-    overrides = dict(_get(siglip_cfg, "overrides", {}) or {})
-    if _get(siglip_cfg, "dtype", ""):
-        overrides["dtype"] = siglip_cfg.dtype
-    if image_size:
-        overrides["image_size"] = int(image_size)
-    if os.path.isdir(ckpt):
-        return hf_siglip.load_hf_siglip(ckpt, mesh, **overrides)
-    if ckpt.endswith(".npz"):
-        variant = _get(siglip_cfg, "variant", "")
-        if not variant:
-            raise ValueError("config.siglip.variant (e.g. 'So400m/14') is required for a big_vision .npz")
-        cfg = siglip.siglip_config(variant, **overrides)
-        return cfg, big_vision.load_big_vision(ckpt, cfg, mesh)
-    raise FileNotFoundError(f"config.siglip.checkpoint {ckpt!r} is neither a HF folder nor a .npz file")
-
-
-def load_tokenizer(siglip_cfg):
-    """A ``transformers`` tokenizer and the path it came from."""
-    path = _get(siglip_cfg, "tokenizer", "") or siglip_cfg.checkpoint
-    if os.path.isdir(path):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path), path
-    if path.endswith(".model") and os.path.isfile(path):
-        from transformers import SiglipTokenizer
-
-        return SiglipTokenizer(vocab_file=path), path
-    raise FileNotFoundError(
-        f"tokenizer {path!r}: expected a HF tokenizer folder or a SentencePiece .model file "
-        "(set config.siglip.tokenizer)"
-    )
-
-
-def _tokenizer_identity(path: str, max_length: int, prompt: str) -> str:
-    from sea_jax.align import labels as L
-
-    if os.path.isdir(path):
-        # only the tokenizer's own files: the weights in the same folder are the checkpoint id
-        names = sorted(n for n in os.listdir(path) if not n.endswith((".safetensors", ".bin", ".npz")))
-        parts = [f"{n}:{L.file_identity(os.path.join(path, n))}" for n in names
-                 if os.path.isfile(os.path.join(path, n)) and n != "config.json"]
-    else:
-        parts = [L.file_identity(path)]
-    return json.dumps({"files": parts, "max_length": max_length, "prompt": prompt})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,22 +217,19 @@ def label_dataset(config, workdir: str) -> dict | None:
     run completed the dataset (and wrote index + summary), else None."""
     import jax
 
-    from sea_jax import sharding
-    from sea_jax.align import labels as L
+    from sea_jax import builder, sharding
+    from sea_jax.align import semantic_labels as L
 
+    config_lib.validate(config)
     lc, dc = config.labels, config.data
-    missing = [name for name, value in (("siglip.checkpoint", config.siglip.checkpoint),
-                                        ("data.json", dc.json), ("data.image_root", dc.image_root))
-               if not value]
-    if missing:
-        raise ValueError(f"set {', '.join('config.' + m for m in missing)} (e.g. --config.{missing[0]}=...)")
+    check_paths(config)
     out_dir = lc.output_dir or os.path.join(workdir, "labels")
     cache_dir = lc.cache_dir or os.path.join(workdir, "word_table_cache")
     os.makedirs(out_dir, exist_ok=True)
     pi = lc.process_index if lc.process_index >= 0 else jax.process_index()
     pc = lc.process_count if lc.process_count > 0 else jax.process_count()
     if not 0 <= pi < pc:
-        raise ValueError(f"process_index {pi} outside [0, {pc})")
+        raise ConfigError(f"config.labels.process_index {pi} outside [0, {pc})")
 
     data = read_llava_json(dc.json)
     words = L.resolve_word_list(lc.word_list, lc.default_size)
@@ -376,20 +256,17 @@ def label_dataset(config, workdir: str) -> dict | None:
         "negate_similarity": bool(lc.negate_similarity), "feature": lc.feature, "prompt": lc.prompt,
         "pad_to_square": bool(dc.pad_to_square), "shard_size": shard_size,
         "num_images": len(data.images), "num_shards": num_shards,
-        "checkpoint_id": L.file_identity(config.siglip.checkpoint),
+        "checkpoint_id": L.file_identity(config.vision.checkpoint),
     }
-    if dc.image_size:
-        meta["image_size"] = int(dc.image_size)
-    if lc.feature not in L.FEATURES:
-        raise ValueError(f"labels.feature must be one of {sorted(L.FEATURES)}, got {lc.feature!r}")
-
+    cfg = builder.vision_config(config)
+    meta["image_size"] = cfg.image_size
     if pending:
         mesh = sharding.make_mesh(dict(lc.mesh), jax.local_devices())
-        cfg, params = load_siglip(config.siglip, mesh, dc.image_size)
-        tokenizer, tok_path = load_tokenizer(config.siglip)
-        meta.update(image_size=cfg.image_size, tokenizer_id=_tokenizer_identity(tok_path, cfg.text_len, lc.prompt))
+        params, _ = builder.load_vision(config, cfg, mesh)
+        tokenizer, tok_parts = builder.load_vision_tokenizer(config)
+        meta["tokenizer_id"] = builder.tokenizer_identity(tok_parts, cfg.text_len, lc.prompt)
     elif not _read_meta(out_dir):
-        raise FileNotFoundError(f"{out_dir}: shards exist but meta.json is missing; delete the shards to relabel")
+        raise PathError(f"{out_dir}: shards exist but meta.json is missing; delete the shards to relabel")
     # With nothing left to label the model is not loaded: the settings known without it are checked.
     _check_or_write_meta(out_dir, meta)
     _write_words(out_dir, words)
@@ -425,8 +302,8 @@ def label_dataset(config, workdir: str) -> dict | None:
             precision=_precision(lc.matmul_precision),
         )
         if lc.batch_size % labeller.batch_shards:
-            raise ValueError(
-                f"labels.batch_size {lc.batch_size} must be a multiple of the {labeller.batch_shards} "
+            raise ConfigError(
+                f"config.labels.batch_size {lc.batch_size} must be a multiple of the {labeller.batch_shards} "
                 f"batch shards of this host's mesh {dict(mesh.shape)}"
             )
         users: dict[int, list[str]] = collections.defaultdict(list)
@@ -454,7 +331,7 @@ def _read_meta(out_dir: str, required: bool = False) -> dict:
     path = os.path.join(out_dir, "meta.json")
     if not os.path.exists(path):
         if required:
-            raise FileNotFoundError(f"{path} missing although shards exist; delete the shards to relabel")
+            raise PathError(f"{path} missing although shards exist; delete the shards to relabel")
         return {}
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -465,9 +342,9 @@ def _check_or_write_meta(out_dir: str, meta: dict) -> None:
     if old:
         diff = {k: (old.get(k), meta[k]) for k in META_KEYS if k in meta and old.get(k) != meta[k]}
         if diff:
-            raise ValueError(
+            raise ConfigError(
                 f"{out_dir} holds labels made with different settings {diff} (old, new); use another "
-                "labels.output_dir or delete it"
+                "config.labels.output_dir or delete it"
             )
         return
     _write_text_atomic(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=1, sort_keys=True))
@@ -627,30 +504,28 @@ def _plot(path: str, centres, hist, word_means, summary) -> None:
     b.set_title(f"(b) {summary['words_used']}/{summary['word_list_size']} words used "
                 f"({100 * summary['utilization']:.1f}%)")
     fig.tight_layout()
-    from sea_jax.align.labels import atomic_write
+    from sea_jax.align.semantic_labels import atomic_write
 
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------
-# Entry point
+def check_paths(config) -> None:
+    """Raises :class:`PathError` naming every path field the labeller needs that is unset, a
+    placeholder or missing."""
+    problems = []
+    for field, kind in (("vision.checkpoint", "path"), ("data.json", "path"), ("data.image_root", "dir")):
+        section, name = field.split(".")
+        path = config[section][name]
+        if not config_lib.is_set(path):
+            problems.append(f"config.{field}{'=' + repr(path) if path else ' is empty'}; set --config.{field}=...")
+        elif not (os.path.isdir(path) if kind == "dir" else os.path.exists(path)):
+            problems.append(f"config.{field}={path!r} does not exist")
+    if config.labels.word_list != "default" and not os.path.exists(config.labels.word_list):
+        problems.append(f"config.labels.word_list={config.labels.word_list!r} does not exist")
+    if problems:
+        raise PathError("cannot start, fix the config first:\n  " + "\n  ".join(problems))
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments {argv[1:]}")
-    from sea_jax import sharding
-
-    sharding.init_distributed()
-    label_dataset(_CONFIG.value, _WORKDIR.value)
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "labelling config (.py)", lock_config=True)
-    _WORKDIR = flags.DEFINE_string("workdir", None, "run folder (outputs, word-table cache)")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+__all__ = ["label_dataset", "check_paths", "finalize", "read_llava_json", "Dataset", "shard_name", "shard_path",
+           "shard_statistics", "SCORE_BINS", "META_KEYS"]

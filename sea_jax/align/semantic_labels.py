@@ -19,7 +19,7 @@ Pieces, each usable alone:
 
 Scores and the sign option. Paper Eq. 6 ranks words by *minus* the cosine, following CLIP Surgery's
 observation that CLIP's patch-text similarities are inverted; with SigLIP's per-patch MAP-head
-projection (DESIGN.md section 2) the plain cosine is the meaningful one, so ``negate_similarity``
+projection (docs/design.md, "Semantic labels") the plain cosine is the meaningful one, so ``negate_similarity``
 defaults to False. Whatever the sign, the returned ``score`` is the *ranking similarity*
 ``s = sign * cos(v, t)`` with ``sign = -1`` when negated: it is what was maximised, it is what the
 ``> 0`` rule tests, and it is the S_i of Eq. 7 (sampling weights S_i / sum S_i), which must be
@@ -597,8 +597,8 @@ def make_labeller(
     """``pixels [b, h, w, 3] -> (ids, scores, valid)`` each [b, p, n]: the labelling program.
 
     One jitted computation on ``mesh``: the SigLIP image tower (per-patch joint-space features,
-    ``feature="map_head"``: every final-layer patch token alone through the MAP head, DESIGN.md
-    section 2; ``"raw"``: the encoder output after ``encoder_norm``), then
+    ``feature="map_head"``: every final-layer patch token alone through the MAP head, docs/design.md
+    "Semantic labels"; ``"raw"``: the encoder output after ``encoder_norm``), then
     :func:`sharded_top_labels` against the word table. The batch is split over ``batch_axes``
     (default: the ``batch`` rule, data x fsdp); ``b`` must be a multiple of that split.
 

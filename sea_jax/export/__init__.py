@@ -1,0 +1,30 @@
+"""Export a training run to Hugging Face: :func:`export_workdir`, run by ``python -m sea_jax.export``.
+
+The run is read by :func:`sea_jax.builder.load_trained` (trained parts from the checkpoint, frozen
+parts reloaded as training loaded them, the tokenizer the run saved) and written as a
+``LlavaForConditionalGeneration`` folder (:func:`sea_jax.convert.hf_llava.export_llava`) or, for a
+stage-1 run, as the adapter alone in LLaVA's ``mm_projector`` layout
+(:func:`sea_jax.convert.hf_llava.export_adapter`). The run's config decides the image
+preprocessing (``data.pad_to_square``) and the template (``data.template``: "plain" exports
+LLaVA's plain format, "chat" the tokenizer's template).
+"""
+from __future__ import annotations
+
+
+def export_workdir(workdir: str, out: str, step: int | None = None, dtype: str = "bfloat16",
+                   adapter_only: bool = False, max_shard_bytes: int = 5 * 2**30, stage: int | None = None) -> list[str]:
+    """Writes the run of ``workdir`` (``stage``, default the highest) at ``step`` (default the
+    newest) to ``out``; returns the files written."""
+    from sea_jax.builder import load_trained
+    from sea_jax.convert import hf_llava
+
+    m = load_trained(workdir, stage=stage, step=step)
+    if adapter_only:
+        return [hf_llava.export_adapter(m.cfg, m.params["adapter"], out, dtype=dtype)]
+    return hf_llava.export_llava(
+        m.cfg, m.params, m.tokenizer, out, dtype=dtype, pad_to_square=m.pad_to_square,
+        chat_template=m.chat_template, max_shard_bytes=max_shard_bytes,
+    )
+
+
+__all__ = ["export_workdir"]

@@ -1,0 +1,256 @@
+r"""The trainer of both stages: ``train(config, workdir)``, as ``python -m sea_jax.train`` runs it.
+
+It reads top to bottom like a run: check the paths, build the model's config, compile the step
+from abstract shapes (the same program :mod:`sea_jax.aot` proves on a TPU slice), load and place
+the parameters, restore, then the loop; side jobs (logs, checkpoints, preemption) are hooks
+(:mod:`sea_jax.train.hooks`). Outputs go to the run folder ``<workdir>/stage<k>/``
+(:mod:`sea_jax.rundir`); stage 2 starts from ``<workdir>/stage1``'s adapter unless
+``train.init_from`` names another run. Running the same command again resumes from the newest
+checkpoint that restores, bit for bit (same data order, same random choices); SIGTERM (preemption)
+saves a checkpoint and ends the run normally.
+
+Paths are local (or a gcsfuse mount such as ``/gcs/bucket``): ``gs://`` is refused up front
+rather than failing mid-run. Every path is checked before anything is built or compiled; the error
+names the config field to set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from sea_jax import builder, rundir, sharding
+from sea_jax import checkpoint as ckpt_lib
+from sea_jax import config as config_lib
+from sea_jax import metrics as metrics_lib
+from sea_jax.errors import PathError
+from sea_jax.train import hooks as hooks_lib
+from sea_jax.train_step import init_state, split_params
+
+# Batch entries that go to the devices; anything else (the sample ids) stays on the host.
+DEVICE_KEYS = ("images", "input_ids", "attention_mask", "loss_mask", "has_image", "label_ids", "label_scores")
+
+
+def check_paths(config, workdir: str | None = None) -> None:
+    """Raises :class:`PathError` listing every path the run needs that is unset, a placeholder or
+    missing, by config field, before anything is loaded or compiled."""
+    problems: list[str] = []
+    if workdir and "://" in workdir:
+        problems.append(f"--workdir={workdir!r}: only local paths (or a gcsfuse mount such as /gcs/bucket)")
+
+    def need(field: str, path: str, kind: str = "path", why: str = "") -> None:
+        if not config_lib.is_set(path):
+            shown = f"={path!r}" if path else " is empty"
+            problems.append(f"config.{field}{shown}{why}; set --config.{field}=...")
+        elif "://" in path:
+            problems.append(f"config.{field}={path!r}: only local paths (or a gcsfuse mount) are supported")
+        elif kind == "dir" and not os.path.isdir(path):
+            problems.append(f"config.{field}={path!r} is not a folder")
+        elif not os.path.exists(path):
+            problems.append(f"config.{field}={path!r} does not exist")
+
+    if config.llm.checkpoint or not config.llm.preset:
+        need("llm.checkpoint", config.llm.checkpoint, "dir", "" if config.llm.preset else " and no config.llm.preset is given")
+    if config.llm.tokenizer or not config.llm.checkpoint:
+        need("llm.tokenizer", config.llm.tokenizer, why=" (a random-init LLM needs a tokenizer folder)")
+    if config.vision.checkpoint:
+        need("vision.checkpoint", config.vision.checkpoint)
+    if config.vision.tokenizer:
+        need("vision.tokenizer", config.vision.tokenizer)
+    elif builder.needs_word_table(config) and not config.vision.checkpoint:
+        need("vision.tokenizer", "", why=" (on-the-fly labels embed the word list with the text tower)")
+    if float(config.sea.lam) != 0:
+        if config.labels.word_list != "default":
+            need("labels.word_list", config.labels.word_list)
+        if config.sea.label_source == "batch":
+            need("labels.output_dir", config.labels.output_dir, "dir",
+                 why=" (sea.label_source='batch' reads labels made by `python -m sea_jax.labels`)")
+    if config.data.kind == "llava_json":
+        need("data.json", config.data.json)
+        need("data.image_root", config.data.image_root, "dir")
+    elif config.data.kind == "tfds":
+        if not config.data.tfds_name:
+            problems.append("config.data.tfds_name is empty; set --config.data.tfds_name=...")
+        if config.data.tfds_data_dir:
+            need("data.tfds_data_dir", config.data.tfds_data_dir, "dir")
+    src = rundir.init_from_run(config, workdir)
+    if int(config.stage) == 2 and (src is None or not src.has_checkpoints()):
+        where = src.path if src is not None else "(none)"
+        problems.append(f"config.train.init_from: stage 2 starts from a stage-1 run's adapter, but {where!r} has "
+                        "no checkpoints; run stage 1 with the same --workdir or set --config.train.init_from=DIR")
+    if problems:
+        raise PathError("cannot start, fix the config first:\n  " + "\n  ".join(problems))
+
+
+def global_batch(local: Mapping[str, np.ndarray], shardings: Mapping[str, Any]) -> dict:
+    """Host-local rows -> global ``jax.Array`` s split along the batch over the mesh (each process
+    contributes the rows its devices hold)."""
+    out = {}
+    for k, s in shardings.items():
+        x = np.asarray(local[k])
+        out[k] = jax.make_array_from_process_local_data(s.sharding, x, s.shape)
+    return out
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the run will compile, known before any weight or batch is read.
+
+    Attributes:
+      sources: what the builder read to know the architecture.
+      mcfg: the model config.
+      words: the label vocabulary ([] with lambda = 0).
+      word_tokens: its LLM tokenization (Eq. 8), or None.
+      inputs: (state, frozen, batch) of the step as sharded ShapeDtypeStructs.
+    """
+
+    sources: builder.Sources
+    mcfg: Any
+    words: list[str]
+    word_tokens: Any
+    inputs: tuple
+
+
+def plan(config, tokenizer, mesh, tx) -> Plan:
+    """The model config and the step's abstract inputs for the LLM ``tokenizer`` (``<image>`` added)."""
+    from sea_jax.align.loss import tokenize_words
+
+    sources = builder.read_sources(config, tokenizer)
+    mcfg = builder.model_config(config, sources)
+    words = builder.word_list(config) if float(config.sea.lam) else []
+    word_tokens = tokenize_words(tokenizer, words) if words else None
+    inputs = builder.abstract_step_inputs(config, mcfg, mesh, tx, len(words),
+                                          word_tokens.ids.shape[1] if word_tokens is not None else 0)
+    return Plan(sources, mcfg, words, word_tokens, inputs)
+
+
+@dataclasses.dataclass
+class Program:
+    """The compiled step and the abstract inputs it was compiled for."""
+
+    step: Any
+    state: Any
+    frozen: dict
+    batch: dict
+    flops: dict
+
+
+def compile_program(config, p: Plan, mesh, tx, schedule) -> Program:
+    """Lowers and compiles the train step from the plan's abstract inputs (no weights, no batch)."""
+    t0 = time.time()
+    step = builder.lower_step(config, p.mcfg, mesh, tx, schedule, p.inputs).compile()
+    flops = metrics_lib.train_step_flops(
+        builder.flop_spec(config, p.mcfg, builder.abstract_params(p.mcfg, mesh), len(p.words)))
+    logging.info("compiled the train step in %.1fs; %.3g TFLOP per step %s", time.time() - t0, flops["total"] / 1e12,
+                 {k: f"{v / 1e12:.3g}" for k, v in flops.items() if k != "total"})
+    return Program(step, *p.inputs, flops)
+
+
+def train(config, workdir: str, hooks: hooks_lib.Hooks | None = None) -> dict:
+    """Runs (or resumes) one stage; returns the last logged metrics plus ``step``, ``stopped``
+    ("done" or "preempted") and ``data`` (the data statistics). ``hooks``: more side jobs."""
+    from sea_jax.data import pipeline
+
+    config_lib.validate(config)
+    sharding.init_distributed()
+    check_paths(config, workdir)
+    run = rundir.RunDir(workdir, int(config.stage))
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(dict(config.mesh))
+    builder.check_batch_split(config, mesh, jax.process_count())
+    logging.info("stage %d, %d processes, %d devices (%s), mesh %s, run dir %s", config.stage, jax.process_count(),
+                 jax.device_count(), jax.devices()[0].device_kind, dict(mesh.shape), run.path)
+
+    # --- what will run, from abstract shapes: compiled before any weight or batch is read ---------
+    tokenizer = builder.load_llm_tokenizer(config)
+    steps = builder.total_steps(config, pipeline.num_examples(config))
+    tx, schedule = builder.optimizer(config, steps)
+    p = plan(config, tokenizer, mesh, tx)
+    sources, mcfg = p.sources, p.mcfg
+    data_iter, data_stats = pipeline.make_train_iterator(
+        config, tokenizer, mcfg.image_token_id, mcfg.num_image_tokens, mcfg.vision.image_size)
+    if is_main:
+        run.save_config(config)
+        tokenizer.save_pretrained(run.tokenizer)
+    program = compile_program(config, p, mesh, tx, schedule)
+
+    # --- parameters, SEA tables, state -----------------------------------------------------------
+    t0 = time.time()
+    vision = builder.load_vision(config, mcfg.vision, mesh)
+    params = builder.load_params(config, sources, mcfg, mesh, workdir=workdir, vision=vision[0])
+    builder.check_placed(params, builder.abstract_params(mcfg, mesh))
+    trainable, frozen = split_params(params, tuple(config.train.trainable))
+    frozen.update(builder.sea_tables(config, mcfg, tokenizer, params["llm"]["embedder"]["embedding"], mesh,
+                                     run.word_table_cache(config), vision))
+    del vision, params
+    logging.info("model loaded in %.1fs: trainable %s (%d params), frozen %s", time.time() - t0, sorted(trainable),
+                 metrics_lib.count_params(trainable), sorted(frozen))
+    shard_of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
+    state = init_state(trainable, tx, shard_of(program.state))
+    del trainable
+
+    # --- restore ---------------------------------------------------------------------------------
+    ckpt = ckpt_lib.Checkpointer(run.checkpoints, keep=int(config.train.keep_checkpoints),
+                                 async_save=bool(config.train.async_checkpoint))
+    restored = ckpt.restore(program.state.params, program.state.opt_state, data_iter)
+    start = 0
+    if restored is not None:
+        start = restored.step
+        state = state.replace(step=jax.device_put(np.int32(start), program.state.step.sharding),
+                              params=restored.params, opt_state=restored.opt_state)
+        logging.info("resumed from step %d", start)
+
+    # --- the loop --------------------------------------------------------------------------------
+    def save(at: int) -> None:
+        meta = {"seed": int(config.seed), "process_count": jax.process_count(), "total_steps": steps,
+                "data": data_stats.as_dict()}
+        ckpt.save(at, state.params, state.opt_state, meta, data_iter)
+
+    logger = metrics_lib.MetricsLogger(run.path, steps, start, enabled=is_main, progress=bool(config.train.progress))
+    log = hooks_lib.LogHook(logger, program.flops["total"], metrics_lib.peak_tflops(jax.devices()[0].device_kind),
+                            int(config.train.batch_size), data_stats.as_dict)
+    preempt = ckpt_lib.PreemptionFlag().install()
+    side = hooks_lib.Hooks()
+    side.add(log, every=int(config.train.log_every))
+    side.add(hooks_lib.preemption_hook(preempt, save))
+    if int(config.train.checkpoint_every) > 0:
+        side.add(hooks_lib.checkpoint_hook(save), every=int(config.train.checkpoint_every))
+    extra = hooks or hooks_lib.Hooks()
+    local_rows = int(config.train.batch_size) // jax.process_count()
+    step, stopped = start, "done"
+    log.restart_clock(start)
+    try:
+        while step < steps:
+            local = next(data_iter)
+            if np.shape(local["input_ids"])[0] != local_rows:
+                raise ValueError(f"the data gave {np.shape(local['input_ids'])[0]} rows, expected {local_rows}")
+            state, m = program.step(state, frozen, global_batch(local, program.batch))
+            step += 1
+            logger.advance()
+            info = hooks_lib.StepInfo(step, steps, state, m, local)
+            side.run(info)
+            extra.run(info)
+    except hooks_lib.StopTraining as stop:
+        stopped = stop.reason
+    finally:
+        preempt.uninstall()
+    if stopped == "done" and step not in ckpt.all_steps():
+        save(step)
+    ckpt.close()
+    logger.close()
+    data_iter.close()
+    stats = data_stats.as_dict()
+    if stats.get("skipped_total"):
+        logging.info("data: %d samples skipped: %s", stats["skipped_total"],
+                     {k: v for k, v in stats.items() if k.startswith("skipped/") and v})
+    logging.info("stage %d %s at step %d/%d", config.stage, stopped, step, steps)
+    return dict(log.last, step=step, stopped=stopped, data=stats)
+
+
+__all__ = ["train", "check_paths", "plan", "compile_program", "global_batch", "Plan", "Program", "DEVICE_KEYS"]
