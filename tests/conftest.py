@@ -12,8 +12,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import gcs_server  # noqa: E402,F401 - before google-auth / gcsfs read their settings at import
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from gcs_server import gcs  # noqa: E402,F401 - the local GCS fixture, for every test module
 
 from sea_jax import sharding  # noqa: E402
 
