@@ -153,12 +153,14 @@ def _overrides(section) -> dict:
     return dict(section.overrides.to_dict() if hasattr(section.overrides, "to_dict") else section.overrides or {})
 
 
-def _ignored(name: str, overrides: Mapping, runtime: Sequence[str]) -> dict:
+def _ignored(name: str, overrides: Mapping, runtime: Sequence[str], checkpoint_cfg: Any) -> dict:
+    """The overrides a checkpoint takes (numerics); a warning names the architecture overrides
+    whose value differs from the checkpoint's (those equal to it describe the same model)."""
     used = {k: v for k, v in overrides.items() if k in runtime}
-    ignored = sorted(k for k in overrides if k not in runtime)
-    if ignored:
+    differ = sorted(k for k, v in overrides.items() if k not in runtime and getattr(checkpoint_cfg, k, None) != v)
+    if differ:
         logging.warning("config.%s.overrides %s not used: the checkpoint's config.json gives the architecture",
-                        name, ignored)
+                        name, differ)
     return used
 
 
@@ -170,7 +172,8 @@ def base_llm_config(config, sources: Sources) -> llm_lib.LLMConfig:
     if sources.llm_hf is not None:
         from sea_jax.convert import hf_llm
 
-        return hf_llm.config_from_hf(sources.llm_hf, **numerics, **_ignored("llm", overrides, LLM_RUNTIME))
+        used = _ignored("llm", overrides, LLM_RUNTIME, hf_llm.config_from_hf(sources.llm_hf))
+        return hf_llm.config_from_hf(sources.llm_hf, **numerics, **used)
     if not config.llm.preset:
         raise PathError("config.llm.checkpoint is empty and no config.llm.preset is given; "
                         "set --config.llm.checkpoint=... (an HF folder)")
@@ -195,8 +198,8 @@ def vision_config(config, sources: Sources | None = None) -> siglip.SigLIPConfig
         if vision_hf is not None:
             from sea_jax.convert import hf_siglip
 
-            return hf_siglip.config_from_hf(vision_hf, **numerics,
-                                            **_ignored("vision", overrides, VISION_RUNTIME))
+            used = _ignored("vision", overrides, VISION_RUNTIME, hf_siglip.config_from_hf(vision_hf))
+            return hf_siglip.config_from_hf(vision_hf, **numerics, **used)
         return siglip.siglip_config(config.vision.variant, **{**numerics, **overrides})
     except TypeError as e:
         raise ConfigError(f"config.vision.overrides: {e}") from None

@@ -160,6 +160,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.async_checkpoint = True
     c.train.progress = True  # progress bar on process 0
 
+    # In-loop evaluation (sea_jax.eval.inloop), every `eval.every` steps; logged as eval/* metrics.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0  # steps between evaluations (0 = off); also after the last step
+    c.eval.heldout_json = ""  # held-out LLaVA records: LM loss (and the probe's images); "" = none
+    c.eval.heldout_image_root = ""  # "" = data.image_root
+    c.eval.heldout_samples = 64  # records of heldout_json used (the first N, a fixed set)
+    c.eval.probe_images = 16  # held-out images for the probe's alignment accuracy (needs lambda > 0); 0 = off
+    c.eval.benchmark = ""  # one benchmark asked in the loop (e.g. "pope"); "" = none
+    c.eval.data_root = ""  # LLaVA-1.5's eval folder for `eval.benchmark`
+    c.eval.benchmark_samples = 64  # its first N questions (a fixed subset)
+    c.eval.batch_size = 8  # rows per evaluation batch (a multiple of the batch shards)
+    c.eval.max_new_tokens = 0  # 0 = the benchmark's LLaVA-1.5 value
+
     # The embedded demo (configs/demo.py, sea_jax.demo); read only by the demo's runner.
     c.demo = ml_collections.ConfigDict()
     c.demo.seed = 0  # the world (config.seed is the training seed)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOLS = ["train", "labels", "aot", "export", "generate", "probe"]
+TOOLS = ["train", "labels", "aot", "export", "generate", "probe", "eval"]
 RECIPES = ["gemma2b", "gemma2b_finetune", "vicuna7b", "vicuna7b_finetune", "llama3_8b", "llama3_8b_finetune",
            "phi3_mini", "phi3_mini_finetune"]
 

@@ -212,6 +212,7 @@ def export_llava(
     pad_to_square: bool = False,
     chat_template: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    eos_is_end_of_turn: bool = False,
 ) -> list[str]:
     """Writes ``params`` as a ``LlavaForConditionalGeneration`` folder (see the module docstring).
 
@@ -226,6 +227,8 @@ def export_llava(
       pad_to_square: the training stage padded images to squares (LLaVA-1.5 stage 2).
       chat_template: overrides the tokenizer's chat template.
       max_shard_bytes: safetensors shard size.
+      eos_is_end_of_turn: the exported tokenizer's EOS is the chat template's end-of-turn token
+        (:func:`sea_jax.convert.llava_files.prepare_tokenizer`), for lmms-eval's ``llava_hf``.
 
     Tensors are gathered and written one at a time (at most one shard in host memory). Every
     process must call this (gathering is collective); only process 0 writes.
@@ -235,7 +238,7 @@ def export_llava(
     """
     np_dtype = _np_dtype(dtype)
     hf_config = llava_config(cfg, tokenizer, np_dtype)
-    tok = llava_files.prepare_tokenizer(tokenizer, cfg, chat_template)
+    tok = llava_files.prepare_tokenizer(tokenizer, cfg, chat_template, eos_is_end_of_turn)
     tensors = mapping.export(llava_param_mapping(cfg, "disk"), params, dtype=np_dtype)
     if jax.process_index() != 0:
         for _ in tensors:  # take part in every gather, write nothing

@@ -48,7 +48,8 @@ def multimodal_chat_template(template: str) -> str:
     return _CONTENT_TO_STRING + template
 
 
-def prepare_tokenizer(tokenizer: Any, cfg: MLLMConfig, chat_template: str | None = None):
+def prepare_tokenizer(tokenizer: Any, cfg: MLLMConfig, chat_template: str | None = None,
+                      eos_is_end_of_turn: bool = False):
     """A copy of ``tokenizer`` with ``<image>`` an added special token at ``cfg.image_token_id``
     and the multimodal chat template.
 
@@ -56,8 +57,15 @@ def prepare_tokenizer(tokenizer: Any, cfg: MLLMConfig, chat_template: str | None
     model's ``image_token_id`` and every token id must have an embedding row (len(tokenizer) <=
     vocab_size); otherwise the export would silently give the placeholder someone else's row, so
     this raises and says what to fix.
+
+    ``eos_is_end_of_turn``: make the chat template's end-of-turn token (Gemma's ``<end_of_turn>``,
+    ...) the tokenizer's EOS, for tools that stop generating only at ``tokenizer.eos_token_id``
+    (lmms-eval's ``llava_hf`` passes ``eos_token_id=tokenizer.eos_token_id`` to ``generate``,
+    overriding ``generation_config.json``). A no-op for templates whose turns end with EOS.
     """
     import tempfile
+
+    from sea_jax.tokenizer import stop_token_ids
 
     from tokenizers import AddedToken
     from transformers import AutoTokenizer
@@ -86,6 +94,10 @@ def prepare_tokenizer(tokenizer: Any, cfg: MLLMConfig, chat_template: str | None
     if isinstance(template, dict):
         template = template.get("default") or next(iter(template.values()))
     tok.chat_template = multimodal_chat_template(template)
+    if eos_is_end_of_turn:
+        ends = [i for i in stop_token_ids(tok) if i != tok.eos_token_id]
+        if ends:
+            tok.eos_token = tok.convert_ids_to_tokens(ends[-1])
     return tok
 
 
@@ -128,13 +140,15 @@ def make_processor(cfg: MLLMConfig, tokenizer: Any, pad_to_square: bool):
 
 
 def write_generation_config(cfg: MLLMConfig, tok: Any, out_dir: str) -> None:
-    """``generation_config.json``: BOS, pad and every EOS id the model ends a reply with."""
+    """``generation_config.json``: BOS, pad and every id the model ends a reply with: the LLM's EOS
+    id(s), the tokenizer's EOS, and the chat template's end-of-turn token (Gemma's
+    ``<end_of_turn>``, Llama 3's ``<|eot_id|>``, Phi-3's ``<|end|>``), which a chat model emits
+    instead of EOS: HF ``generate`` then stops where ``python -m sea_jax.generate`` stops."""
     from transformers import GenerationConfig
 
-    eos = cfg.llm.eos_token_id
-    eos_ids = list(eos) if isinstance(eos, tuple) else ([] if eos is None else [eos])
-    if tok.eos_token_id is not None and tok.eos_token_id not in eos_ids:
-        eos_ids.append(tok.eos_token_id)
+    from sea_jax.tokenizer import stop_token_ids
+
+    eos_ids = stop_token_ids(tok, cfg.llm.eos_token_id)
     pad = cfg.llm.pad_token_id if cfg.llm.pad_token_id is not None else tok.pad_token_id
     bos = cfg.llm.bos_token_id if cfg.llm.bos_token_id is not None else tok.bos_token_id
     gen = GenerationConfig(

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 
 def export_workdir(workdir: str, out: str, step: int | None = None, dtype: str = "bfloat16",
-                   adapter_only: bool = False, max_shard_bytes: int = 5 * 2**30, stage: int | None = None) -> list[str]:
+                   adapter_only: bool = False, max_shard_bytes: int = 5 * 2**30, stage: int | None = None,
+                   eos_is_end_of_turn: bool = False) -> list[str]:
     """Writes the run of ``workdir`` (``stage``, default the highest) at ``step`` (default the
-    newest) to ``out``; returns the files written."""
+    newest) to ``out``; returns the files written. ``eos_is_end_of_turn``: see
+    :func:`sea_jax.convert.llava_files.prepare_tokenizer`."""
     from sea_jax.builder import load_trained
     from sea_jax.convert import hf_llava
 
@@ -23,7 +25,7 @@ def export_workdir(workdir: str, out: str, step: int | None = None, dtype: str =
         return [hf_llava.export_adapter(m.cfg, m.params["adapter"], out, dtype=dtype)]
     return hf_llava.export_llava(
         m.cfg, m.params, m.tokenizer, out, dtype=dtype, pad_to_square=m.pad_to_square,
-        chat_template=m.chat_template, max_shard_bytes=max_shard_bytes,
+        chat_template=m.chat_template, max_shard_bytes=max_shard_bytes, eos_is_end_of_turn=eos_is_end_of_turn,
     )
 
 

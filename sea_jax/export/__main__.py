@@ -18,6 +18,8 @@ flags.DEFINE_string("out", None, "output folder")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "weight dtype on disk")
 flags.DEFINE_bool("adapter_only", False, "write only the adapter (LLaVA mm_projector), for stage-1 runs")
 flags.DEFINE_float("max_shard_gb", 5.0, "safetensors shard size in GiB")
+flags.DEFINE_bool("eos_is_end_of_turn", False, "the tokenizer's EOS becomes the chat template's end-of-turn token "
+                  "(for tools such as lmms-eval's llava_hf that stop only at tokenizer.eos_token_id)")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -28,7 +30,8 @@ def main(argv) -> int:
 
     f = flags.FLAGS
     sharding.init_distributed()
-    files = export_workdir(f.workdir, f.out, f.step, f.dtype, f.adapter_only, int(f.max_shard_gb * 2**30), f.stage)
+    files = export_workdir(f.workdir, f.out, f.step, f.dtype, f.adapter_only, int(f.max_shard_gb * 2**30), f.stage,
+                           f.eos_is_end_of_turn)
     logging.info("wrote %s to %s", files, f.out)
     return 0
 

@@ -33,6 +33,7 @@ from jaxtyping import Array, Bool, Float, Int
 from sea_jax import sharding
 from sea_jax.models.llm import init_cache
 from sea_jax.models.mllm import MLLM
+from sea_jax.tokenizer import stop_token_ids
 
 IMAGE_TOKEN = "<image>"
 
@@ -249,27 +250,6 @@ def encode_prompt(tokenizer: Any, text: str, num_image_tokens: int) -> np.ndarra
         raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token; export or train with one")
     expanded = text.replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens)
     return np.asarray(tokenizer(expanded, add_special_tokens=False)["input_ids"], np.int32)
-
-
-def stop_token_ids(tokenizer: Any, eos_token_id: int | Sequence[int] | None = None) -> list[int]:
-    """Ids that end generation: the LLM config's EOS id(s), the tokenizer's EOS, and the special
-    token the chat template writes right after an assistant message (Gemma's ``<end_of_turn>``,
-    Llama 3's ``<|eot_id|>``, Phi-3's ``<|end|>``), which a chat model emits instead of EOS (the
-    ``generation_config.eos_token_id`` list of those HF checkpoints)."""
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    if getattr(tokenizer, "chat_template", None):
-        marker = "XQZJ"
-        msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": marker}]
-        text = tokenizer.apply_chat_template(msgs, tokenize=False)
-        tail = text[text.index(marker) + len(marker):] if marker in text else ""
-        after = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
-        special = set(tokenizer.all_special_ids) | {
-            i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
-        if after and after[0] in special:
-            ids.append(int(after[0]))
-    return list(dict.fromkeys(ids))
 
 
 def pad_batch(rows: Sequence[np.ndarray], pad_id: int, side: str = "left") -> tuple[np.ndarray, np.ndarray]:
