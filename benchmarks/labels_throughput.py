@@ -98,7 +98,7 @@ def jax_labeller(folder: str, table: np.ndarray, n: int, chunk_size: int):
 
     cfg, params = hf_siglip.load_hf_siglip(folder)
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    fn = labels.make_labeller(cfg, params, table, mesh, n=n, feature="map_head", word_axes="tensor",
+    fn = labels.make_labeller(cfg, params, table, mesh, n=n, feature="joint", word_axes="tensor",
                               chunk_size=chunk_size or None)
 
     def run(pixels_nhwc: np.ndarray):

@@ -56,7 +56,7 @@ def get_config(arg=None):
     # few hundred steps, tau = 1 caps Eq. 9's logits at +-1 and the learned tau only reached 0.72;
     # measured on one seed at 200 steps, SEA's alignment accuracy vs the SigLIP labels was 45.5% with tau_0 = 1
     # and 61.5% with 0.07 (lambda = 0 baseline: 37.1%), see README "The embedded demo".
-    c.sea.log_tau_init = -2.66
+    c.sea.tau_init = 0.07
 
     c.data.json = ""
     c.data.image_root = ""

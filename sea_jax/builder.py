@@ -185,26 +185,56 @@ def base_llm_config(config, sources: Sources) -> llm_lib.LLMConfig:
         raise ConfigError(f"config.llm.overrides: {e}") from None
 
 
-def vision_config(config, sources: Sources | None = None) -> siglip.SigLIPConfig:
-    """The vision tower's config (the checkpoint's, or the variant's), at ``vision.image_size``.
+def vision_config(config, sources: Sources | None = None):
+    """The vision tower's config (SigLIP or CLIP, ``vision.tower``; the checkpoint's, or the
+    variant's) at ``vision.image_size``, with the labels' per-patch feature (``labels.feature``).
     Without ``sources`` the vision checkpoint's config.json is read here."""
+    from sea_jax.models import clip
+    from sea_jax.models.mllm import patch_feature_mode
+
     vision_hf = read_vision_hf(config) if sources is None else sources.vision_hf
+    tower = config.vision.tower
     size = int(config.vision.image_size)
     overrides = _overrides(config.vision)
     numerics = dict(dtype=config.vision.dtype)
     if size:
         numerics["image_size"] = size
     try:
-        if vision_hf is not None:
+        if tower == "clip":
+            from sea_jax.convert import hf_clip
+
+            if vision_hf is not None:
+                used = _ignored("vision", overrides, VISION_RUNTIME, hf_clip.config_from_hf(vision_hf))
+                cfg = hf_clip.config_from_hf(vision_hf, **numerics, **used)
+            elif config_lib.is_set(config.vision.checkpoint) and config.vision.checkpoint.endswith(".npz"):
+                raise ConfigError("config.vision.checkpoint: a CLIP tower loads from a HF CLIPModel folder, not a .npz")
+            else:
+                cfg = clip.clip_config(config.vision.variant, **{**numerics, **overrides})
+        elif vision_hf is not None:
             from sea_jax.convert import hf_siglip
 
             used = _ignored("vision", overrides, VISION_RUNTIME, hf_siglip.config_from_hf(vision_hf))
-            return hf_siglip.config_from_hf(vision_hf, **numerics, **used)
-        return siglip.siglip_config(config.vision.variant, **{**numerics, **overrides})
+            cfg = hf_siglip.config_from_hf(vision_hf, **numerics, **used)
+        else:
+            cfg = siglip.siglip_config(config.vision.variant, **{**numerics, **overrides})
+        return cfg.replace(patch_features=patch_feature_mode(cfg, config.labels.feature))
     except TypeError as e:
         raise ConfigError(f"config.vision.overrides: {e}") from None
     except ValueError as e:
         raise ConfigError(f"config.vision: {e}") from None
+
+
+def s2_config(config):
+    """The S2 scales of ``vision.s2_scales`` (an empty tuple: no S2)."""
+    from sea_jax.models.s2 import S2Config
+
+    scales = tuple(int(x) for x in config.vision.s2_scales)
+    if not scales:
+        return None
+    try:
+        return S2Config(scales)
+    except ValueError as e:
+        raise ConfigError(f"config.vision.s2_scales: {e}") from None
 
 
 def image_token(config, sources: Sources, llm_vocab: int) -> tuple[int, int]:
@@ -217,9 +247,13 @@ def model_config(config, sources: Sources) -> MLLMConfig:
     """The multimodal model's config: LLM (vocabulary holding ``<image>``), vision tower, wiring."""
     llm = base_llm_config(config, sources)
     image_id, vocab = image_token(config, sources, llm.vocab_size)
-    return MLLMConfig(
-        llm=dataclasses.replace(llm, vocab_size=vocab), vision=vision_config(config, sources), image_token_id=image_id,
-        vision_feature_layer=int(config.model.vision_feature_layer), adapter=config.model.adapter)
+    try:
+        return MLLMConfig(
+            llm=dataclasses.replace(llm, vocab_size=vocab), vision=vision_config(config, sources), image_token_id=image_id,
+            vision_feature_layer=int(config.model.vision_feature_layer), adapter=config.model.adapter,
+            s2=s2_config(config), scale_visual_tokens=bool(config.model.scale_visual_tokens))
+    except ValueError as e:
+        raise ConfigError(f"config.vision: {e}") from None
 
 
 def step_config(config) -> StepConfig:
@@ -292,7 +326,7 @@ def _adapter(mcfg: MLLMConfig) -> Adapter:
 
 
 def _adapter_input(mcfg: MLLMConfig) -> jax.Array:
-    return jnp.zeros((1, mcfg.vision.num_patches, mcfg.vision.width), jnp.float32)
+    return jnp.zeros((1, mcfg.num_image_tokens, mcfg.adapter_in_dim), jnp.float32)
 
 
 def param_shardings(mcfg: MLLMConfig, mesh: Mesh) -> dict:
@@ -319,15 +353,20 @@ def abstract_of(tree) -> Any:
 # Loading
 
 
-def load_vision(config, mcfg_vision: siglip.SigLIPConfig, mesh: Mesh) -> tuple[dict, str]:
-    """(params ``{"img", "txt", "t", "b"}`` placed on ``mesh``, identity) of the vision tower: the
-    checkpoint (HF folder or big_vision ``.npz``) or a random init from ``seed + 1``. The
-    identity (file hash, or the seed and config) keys the word-table cache."""
+def load_vision(config, mcfg_vision, mesh: Mesh) -> tuple[dict, str]:
+    """(params ``{"img", "txt", ...}`` placed on ``mesh``, identity) of the vision tower: the
+    checkpoint (SigLIP: HF folder or big_vision ``.npz``; CLIP: HF folder) or a random init from
+    ``seed + 1``. The identity (file hash, or the seed and config) keys the word-table cache."""
     from sea_jax.align import semantic_labels as L
+    from sea_jax.models.mllm import tower_module
 
     ckpt = config.vision.checkpoint
     if config_lib.is_set(ckpt):
-        if os.path.isdir(ckpt):
+        if config.vision.tower == "clip":
+            from sea_jax.convert import hf_clip
+
+            _, params = hf_clip.load_hf_clip(ckpt, mesh, cfg=mcfg_vision)
+        elif os.path.isdir(ckpt):
             from sea_jax.convert import hf_siglip
 
             _, params = hf_siglip.load_hf_siglip(ckpt, mesh, cfg=mcfg_vision)
@@ -338,7 +377,7 @@ def load_vision(config, mcfg_vision: siglip.SigLIPConfig, mesh: Mesh) -> tuple[d
         else:
             raise PathError(f"config.vision.checkpoint={ckpt!r} is neither a HF folder nor a .npz file")
         return params, L.file_identity(ckpt)
-    params = siglip.init_params(mcfg_vision, jax.random.key(int(config.seed) + 1), mesh)
+    params = tower_module(mcfg_vision).init_params(mcfg_vision, jax.random.key(int(config.seed) + 1), mesh)
     return params, f"random:{config.seed}:{mcfg_vision}"
 
 
@@ -403,7 +442,7 @@ def load_params(config, sources: Sources, mcfg: MLLMConfig, mesh: Mesh, *, parts
 
     Stage 2 takes adapter and tau from the stage-1 run (:func:`sea_jax.rundir.init_from_run` of
     ``workdir``); stage 1 starts them fresh (adapter from ``seed + 3``, ``log tau`` at
-    ``sea.log_tau_init``). ``vision``: the tower's tree if already loaded (:func:`load_vision`).
+    ``log(sea.tau_init)``). ``vision``: the tower's tree if already loaded (:func:`load_vision`).
     """
     from sea_jax import rundir
 
@@ -417,7 +456,7 @@ def load_params(config, sources: Sources, mcfg: MLLMConfig, mesh: Mesh, *, parts
         params["vision"] = {"img": vision["img"]}
     if "adapter" in parts or "log_tau" in parts:
         adapter = init_adapter(config, mcfg, mesh)
-        log_tau = jnp.asarray(float(config.sea.log_tau_init), jnp.float32)
+        log_tau = jnp.asarray(math.log(float(config.sea.tau_init)), jnp.float32)
         src = rundir.init_from_run(config, workdir)
         if src is not None:
             step, trained = restore_trained(src)
@@ -482,8 +521,10 @@ def word_table(config, vision_cfg: siglip.SigLIPConfig, text_params: Any, identi
     L2-normalised, cached under ``cache_dir`` by (checkpoint, tokenizer, words)."""
     from sea_jax.align import semantic_labels as L
 
+    from sea_jax.models.mllm import tower_module
+
     tokenizer, parts = load_vision_tokenizer(config)
-    tower = siglip.TextTower(vision_cfg)
+    tower = tower_module(vision_cfg).TextTower(vision_cfg)
     encode = jax.jit(lambda p, ids: tower.apply({"params": p}, ids, hidden_states=False).embedding)
     tokenize = L.make_tokenize_fn(tokenizer, max_length=vision_cfg.text_len, template=config.labels.prompt)
     return L.embed_words(lambda ids: encode(text_params, ids), tokenize, list(words), encode_batch,
@@ -541,10 +582,13 @@ def abstract_tables(config, mcfg: MLLMConfig, mesh: Mesh, num_words: int, word_t
 
 
 def optimizer(config, total_steps: int):
-    """(AdamW with warmup + cosine, schedule) of ``config.optim`` over ``total_steps``."""
+    """(AdamW with warmup + cosine, schedule) of ``config.optim`` over ``total_steps``; the parts
+    of ``optim.group_lr`` and log tau (``sea.log_tau_lr`` > 0) get their own peak lr."""
+    group = dict(config.optim.group_lr or {})
+    if float(config.sea.log_tau_lr) > 0:
+        group["log_tau"] = float(config.sea.log_tau_lr)
     return make_optimizer(float(config.optim.lr), int(total_steps), float(config.optim.warmup_ratio),
-                          float(config.optim.weight_decay), dict(config.optim.group_lr or {}),
-                          float(config.optim.clip_norm) or None)
+                          float(config.optim.weight_decay), group, float(config.optim.clip_norm) or None)
 
 
 def abstract_state(abstract_trainable: Mapping, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
@@ -561,7 +605,7 @@ def abstract_state(abstract_trainable: Mapping, tx: optax.GradientTransformation
 
 def abstract_batch(config, mcfg: MLLMConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
     """One global batch as the data pipeline delivers it (``sea_jax.data.pipeline``), abstractly."""
-    b, length, s = int(config.train.batch_size), int(config.data.max_length), mcfg.vision.image_size
+    b, length, s = int(config.train.batch_size), int(config.data.max_length), mcfg.image_size
     batch = {
         "images": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32),
         "input_ids": jax.ShapeDtypeStruct((b, length), jnp.int32),
@@ -709,7 +753,8 @@ def total_steps(config, num_samples: int | None) -> int:
 
 
 __all__ = [
-    "PARTS", "PRESET_TOKENIZER_LEN", "Sources", "read_vision_hf", "read_sources", "base_llm_config", "vision_config", "model_config",
+    "PARTS", "PRESET_TOKENIZER_LEN", "Sources", "read_vision_hf", "read_sources", "base_llm_config", "vision_config",
+    "s2_config", "model_config",
     "image_token", "step_config", "load_llm_tokenizer", "load_vision_tokenizer", "tokenizer_identity",
     "param_shardings", "abstract_params", "abstract_of", "load_vision", "load_llm",
     "init_adapter", "restore_trained", "load_params", "check_placed", "needs_word_table", "word_list",

@@ -42,6 +42,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from sea_jax.errors import UserError
+
 PARAMS, OPT_STATE, META, DATA = "params", "opt_state", "meta", "data"
 
 
@@ -173,6 +175,10 @@ class Checkpointer:
                     META: ocp.args.JsonRestore(),
                     DATA: grain_ckpt.CheckpointRestore(data_iterator),
                 }))
+            except UserError:
+                # the run's own inputs disagree with the checkpoint (e.g. the data iterator's state
+                # was saved for another data mixture): the user's to fix, not a damaged step
+                raise
             # Orbax/tensorstore raise ValueError, FileNotFoundError, OSError, KeyError, ... for a
             # damaged step depending on which file is hit; any of them means "not this one".
             except Exception as e:  # noqa: BLE001

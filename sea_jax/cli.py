@@ -7,6 +7,11 @@
 * Anything else is an internal error: it keeps its traceback (exit status 1).
 
 absl tools call :func:`run_absl` with their ``main(argv)``; argparse tools call :func:`run`.
+
+``run_absl(..., route_logs=True)`` (``python -m sea_jax.train``) also routes the process's logging
+(:mod:`sea_jax.logs`): the terminal shows what ``--config.log.terminal`` says (default "brief": the
+tool's own lines, progress and every warning), everything goes to the run's ``log.txt``, and the
+native start-up chatter of jax's backends goes to the log file instead of the terminal.
 """
 from __future__ import annotations
 
@@ -32,8 +37,32 @@ def _absl_usage(doc: str) -> str:
     return doc.strip() + ("\n\nflags:\n" + main_flags if main_flags.strip() else "") + "\n"
 
 
-def run_absl(main: Callable[[list[str]], int | None], doc: str) -> None:
-    """Runs an absl ``main(argv)`` (flags already defined) with the rules above."""
+def _route_logs() -> None:
+    """:func:`sea_jax.logs.setup` with the ``--config``'s ``log.terminal`` (default "brief"), then
+    jax's backends started with native stderr captured into the log file. A multi-process run's
+    ``jax.distributed`` is started first (it must precede the backends)."""
+    from absl import flags
+
+    from sea_jax import logs
+
+    config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+    log = getattr(config, "log", None) if config is not None else None
+    logs.setup(logs.check_mode(log.terminal) if log is not None else "brief")
+    import atexit
+
+    atexit.register(logs.shutdown)
+    import jax
+
+    from sea_jax import sharding
+
+    with logs.capture_native_stderr():
+        sharding.init_distributed()
+        jax.devices()
+
+
+def run_absl(main: Callable[[list[str]], int | None], doc: str, route_logs: bool = False) -> None:
+    """Runs an absl ``main(argv)`` (flags already defined) with the rules above; ``route_logs``:
+    see the module docstring."""
     from absl import app, flags
 
     def parse(argv: list[str]) -> list[str]:
@@ -59,6 +88,8 @@ def run_absl(main: Callable[[list[str]], int | None], doc: str) -> None:
         if len(argv) > 1:
             fail(f"unexpected arguments {argv[1:]} (flags are --name=value)")
         try:
+            if route_logs:
+                _route_logs()
             rc = main(argv)
         except UserError as e:
             fail(e)

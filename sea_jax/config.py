@@ -19,6 +19,7 @@ fewer fields) still loads, and an unknown field is an error rather than silently
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,14 +32,15 @@ PLACEHOLDER = "SET_ME:"
 
 # Enumerated fields: (section, field) -> allowed values.
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("vision", "tower"): ("siglip",),
+    ("vision", "tower"): ("siglip", "clip"),
     ("model", "adapter"): ("mlp2x_gelu", "linear"),
     ("llm", "remat"): ("none", "full", "dots", "dots_no_batch"),
-    ("labels", "feature"): ("map_head", "raw"),
+    ("labels", "feature"): ("joint", "raw"),
     ("labels", "matmul_precision"): ("highest", "high", "default"),
     ("sea", "label_source"): ("on_the_fly", "batch"),
-    ("data", "kind"): ("llava_json", "tfds"),
+    ("data", "kind"): ("llava_json", "array_record", "tfds"),
     ("data", "template"): ("plain", "chat"),
+    ("data", "on_exhausted"): ("restart", "stop"),
 }
 
 
@@ -75,19 +77,23 @@ def base_config() -> ml_collections.ConfigDict:
     # names the architecture). Same architecture rule as the LLM for HF folders; `overrides` may
     # always set the numerics/memory fields (scan, remat, remat_policy).
     c.vision = ml_collections.ConfigDict()
-    c.vision.tower = "siglip"
+    c.vision.tower = "siglip"  # or "clip" (HF CLIPModel folders; LLaVA-1.5's ViT-L/14@336)
     c.vision.checkpoint = ""
     c.vision.variant = "So400m/14"  # architecture of a .npz or of a random-init tower
     c.vision.image_size = 384  # input pixels per side (a checkpoint's position embeddings are resampled)
     c.vision.tokenizer = ""  # the text tower's tokenizer: HF folder or SentencePiece .model; "" = the checkpoint folder
     c.vision.dtype = "bfloat16"
     c.vision.overrides = ml_collections.ConfigDict()  # more tower config fields (scan, remat, a shrunk tower)
+    c.vision.s2_scales = ()  # S2 multi-scale features, e.g. (336, 672, 1008) (base = image_size); () = none
 
     # The multimodal wiring.
     c.model = ml_collections.ConfigDict()
     c.model.adapter = "mlp2x_gelu"  # LLaVA-1.5's projector; or "linear"
     c.model.vision_feature_layer = -2  # HF numbering of the image tower's hidden states
     c.model.image_token = "<image>"  # placeholder added to the LLM tokenizer as a special token
+    # Gemma: visual tokens times sqrt(hidden) like the text rows, as the paper's code (transformers 4)
+    # trained; the export folds the factor into the adapter (transformers 5 scales text rows only).
+    c.model.scale_visual_tokens = True
 
     # Semantic labels (paper Eq. 4-6): on-the-fly labelling in the step and `sea_jax.labels`.
     c.labels = ml_collections.ConfigDict()
@@ -95,17 +101,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.labels.default_size = 40_000  # words of the "default" list
     c.labels.prompt = "{}"  # template a word is embedded in by the text tower ("{}" = the bare word)
     c.labels.top_n = 10  # labels kept per patch (score > 0 only)
-    c.labels.negate_similarity = False  # rank by -cos (Eq. 6 as printed, CLIP Surgery); False for SigLIP
-    c.labels.feature = "map_head"  # per-patch joint-space feature: each patch through the MAP head, or "raw"
+    c.labels.negate_similarity = False  # rank by -cos (Eq. 6 as printed, CLIP Surgery): True for CLIP, False for SigLIP
+    c.labels.feature = "joint"  # per-patch joint-space feature (SigLIP: MAP head; CLIP: final LN + projection), or "raw"
     c.labels.output_dir = ""  # offline labels (`sea_jax.labels` output); "" = <workdir>/labels
     c.labels.cache_dir = ""  # word-table cache; "" = <run folder>/word_table_cache
+    # the word table is scored this many words at a time with a running top-n, by the step's
+    # on-the-fly labels and the offline labeller alike (0 = all at once: a [batch, patches, words] array)
+    c.labels.chunk_size = 4096
     # offline labelling (`python -m sea_jax.labels`) only:
     c.labels.batch_size = 32  # images per device step on each host (a multiple of its batch shards)
     c.labels.text_batch_size = 256  # words per text-tower call while embedding the list
     c.labels.shard_size = 1024  # images per output shard
     c.labels.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # per-host mesh
     c.labels.word_axes = "tensor"  # mesh axes splitting the word table ("" = replicated)
-    c.labels.chunk_size = 0  # scan the word table this many words at a time (0 = all at once)
     c.labels.matmul_precision = "highest"  # of the patch-word similarity: "highest" | "high" | "default"
     c.labels.num_workers = 8  # image-decoding threads per host
     c.labels.max_shards = 0  # stop after this many shards in this run (0 = no limit); a rerun resumes
@@ -117,22 +125,36 @@ def base_config() -> ml_collections.ConfigDict:
     c.sea.lam = 1.0  # lambda of Eq. 11; 0 = plain LLaVA training
     c.sea.window = 2  # k of the k x k sampling windows
     c.sea.label_source = "on_the_fly"  # or "batch": labels precomputed by `python -m sea_jax.labels`
-    c.sea.log_tau_init = 0.0  # tau = exp(log_tau): the paper's "tau = 0" read as log tau = 0
+    c.sea.tau_init = 1.0  # tau at step 0 (learned as log tau): the paper's "tau = 0" read as log tau = 0
+    c.sea.log_tau_lr = 0.0  # peak lr of log tau (same schedule); 0 = optim.lr. Adam moves log tau ~lr per step
     c.sea.tau_min = 0.01  # lower clamp of tau
 
-    # Training data.
+    # Training data. One source from the fields below (kind + json / records / tfds_*), or several
+    # from `mixture` (a file) or `sources` (in the config): sea_jax/data/mixture.py. Paths are local
+    # or gs://. Image paths that leave their image root are skipped (image_outside_root), never opened.
     c.data = ml_collections.ConfigDict()
-    c.data.kind = "llava_json"  # or "tfds"
+    c.data.kind = "llava_json"  # "llava_json" (data.json), "array_record" (data.records) or "tfds" (data.tfds_*)
     c.data.json = ""  # LLaVA-format .json / .jsonl (blip_laion_cc_sbu_558k.json, llava_v1_5_mix665k.json)
-    c.data.image_root = ""  # folder the records' image paths are relative to
-    c.data.tfds_name = ""  # kind="tfds": a dataset with an image and a caption feature
-    c.data.tfds_split = "train"
-    c.data.tfds_data_dir = ""
-    c.data.tfds_image_key = "image"
-    c.data.tfds_caption_key = "caption"
-    c.data.template = "plain"  # "plain" (stage 1: image then caption) or "chat" (the tokenizer's chat template)
+    c.data.records = ""  # kind="array_record": a folder written by `python -m sea_jax.records` (or .array_record files)
+    c.data.image_root = ""  # folder (or gs:// prefix) the records' image paths are relative to; a mixture's default
+    c.data.tfds_name = ""  # kind="tfds": a dataset with an image and a caption, or LLaVA-style conversations
+    c.data.tfds_split = "train"  # the TFDS split read
+    c.data.tfds_data_dir = ""  # TFDS data dir ("" = TFDS's default); gs:// is copied to cache_dir first
+    c.data.tfds_image_key = "image"  # image feature (uint8 array or encoded bytes; empty = text-only row)
+    c.data.tfds_caption_key = "caption"  # caption feature (str/bytes, or a list: the first is used)
+    c.data.tfds_conversations_key = "conversations"  # present = a LLaVA conversation ({from, value} turns)
+    # Several sources: a YAML/JSON file, LLaVA-NeXT's data YAML plus our fields: `datasets:` entries
+    # {json_path or path, kind, sampling_strategy ("all" | "first:N" | "end:N" | "random:N", N or "P%"),
+    # weight, on_exhausted, image_root, template, pad_to_square, tfds_*, name}. "" = not used.
+    c.data.mixture = ""
+    c.data.sources = ()  # the same entries as a tuple of dicts in a Python config (not with `mixture`)
+    # Weighted mixtures: when a source has given all its selected records, "restart" it in a fresh
+    # order or "stop" (that ends the mixture's epoch); a mixture entry may set its own.
+    c.data.on_exhausted = "restart"
+    c.data.cache_dir = ""  # local copies of gs:// ArrayRecord / TFDS / label files ("" = $SEA_JAX_CACHE_DIR or ~/.cache/sea_jax/gcs)
+    c.data.template = "plain"  # "plain" (stage 1: image then caption) or "chat" (the tokenizer's chat template); a mixture's default
     c.data.chat_template = ""  # "" = the LLM tokenizer's own; "vicuna_v1" = LLaVA's Vicuna format; or a jinja string
-    c.data.pad_to_square = False  # LLaVA-1.5 stage 2: pad with the image mean before resizing
+    c.data.pad_to_square = False  # LLaVA-1.5 stage 2: pad with the image mean before resizing; a mixture's default
     c.data.max_length = 2048  # tokens per row (rows are padded to it)
     c.data.num_shards = 0  # data shards dealt over processes (0 = one per process); fix it to change hosts mid-run
     c.data.num_workers = 2  # Grain worker processes per shard (0 = decode in the main process)
@@ -159,6 +181,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.async_checkpoint = True
     c.train.progress = True  # progress bar on process 0
+
+    # What a run shows and records (README "Observability"; sea_jax.logs, tracking, progress,
+    # manifest, goodput). metrics.jsonl, manifest.json and log.txt are always written.
+    c.log = ml_collections.ConfigDict()
+    # Terminal: "brief" = progress, the tools' own lines, every warning; "all" = every library's
+    # INFO lines too; "warning" = progress and warnings only. <run folder>/log.txt gets everything.
+    c.log.terminal = "brief"
+    c.log.progress_every = 0  # without a TTY: a plain progress line every N steps, on logged steps (0 = each)
+    c.log.tensorboard = True  # event files in <run folder>/tensorboard (tensorboardX)
+    c.log.histograms = True  # histograms of unique labels / candidates per step and of batch label scores
+    c.log.wandb = False  # also log to Weights & Biases (needs `pip install sea_jax[wandb]`)
+    c.log.wandb_project = "sea_jax"  # W&B project
+    c.log.wandb_entity = ""  # W&B team or user; "" = wandb's default
+    c.log.wandb_name = ""  # W&B run name; "" = "<workdir name>/stage<k>"
+    c.log.wandb_mode = ""  # "online", "offline" (no network; `wandb sync` later), "disabled"; "" = $WANDB_MODE or online
+    c.log.wandb_dir = ""  # local folder for wandb's files; "" = the run folder (~/.cache/sea_jax/wandb for gs://)
+    c.log.profile_start = 0  # first step (1-based) of a jax.profiler trace into <run folder>/profile; 0 = off
+    c.log.profile_steps = 3  # steps in the trace
+    c.log.probe_images = 0  # > 0: at the end, the probe picture of this many images into probe.png and TensorBoard
 
     # In-loop evaluation (sea_jax.eval.inloop), every `eval.every` steps; logged as eval/* metrics.
     c.eval = ml_collections.ConfigDict()
@@ -213,8 +254,9 @@ def from_dict(values: Mapping[str, Any], source: str = "config") -> ml_collectio
 
     Fields the dict lacks keep their defaults (a run saved by an older version); a field the
     schema does not know is a :class:`ConfigError` naming it and ``source``. Runs saved before
-    the schema had one ``vision`` section (``siglip``, ``data.image_size``, ``demo.full_run``)
-    are read with those fields moved to their present place.
+    the schema had one ``vision`` section (``siglip``, ``data.image_size``, ``demo.full_run``;
+    ``labels.feature = "map_head"``, ``sea.log_tau_init``; no ``model.scale_visual_tokens``, i.e.
+    trained unscaled) are read with those fields moved to their present place and meaning.
     """
     values = _migrate(dict(values))
     c = base_config()
@@ -239,6 +281,18 @@ def _migrate(values: dict[str, Any]) -> dict[str, Any]:
     demo = values.get("demo")
     if isinstance(demo, Mapping) and "full_run" in demo:
         values["demo"] = {k: v for k, v in demo.items() if k != "full_run"}
+    labels = values.get("labels")
+    if isinstance(labels, Mapping) and labels.get("feature") == "map_head":
+        values["labels"] = dict(labels, feature="joint")
+    sea = values.get("sea")
+    if isinstance(sea, Mapping) and "log_tau_init" in sea:
+        sea = dict(sea)
+        sea["tau_init"] = math.exp(float(sea.pop("log_tau_init")))
+        values["sea"] = sea
+    model = values.get("model")
+    if isinstance(model, Mapping) and "scale_visual_tokens" not in model:
+        # runs saved before the knob trained with visual tokens unscaled (transformers 5's way)
+        values["model"] = dict(model, scale_visual_tokens=False)
     return values
 
 
@@ -294,6 +348,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"config.optim.group_lr has {bad}; parts are {list(parts)}")
     if float(config.sea.tau_min) <= 0:
         raise ConfigError(f"config.sea.tau_min={config.sea.tau_min!r}: must be > 0")
+    if float(config.sea.tau_init) < float(config.sea.tau_min):
+        raise ConfigError(f"config.sea.tau_init={config.sea.tau_init!r}: must be >= sea.tau_min {config.sea.tau_min}")
     return config
 
 

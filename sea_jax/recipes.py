@@ -15,24 +15,43 @@ from sea_jax.config import PLACEHOLDER, base_config
 from sea_jax.errors import ConfigError
 
 
-def stage1(llm_placeholder: str, preset: str) -> ml_collections.ConfigDict:
+# The paper's vision towers: (tower, variant, image size, checkpoint placeholder, Eq. 6 negation).
+TOWERS = {
+    "siglip": ("siglip", "So400m/14", 384, "siglip-so400m-patch14-384 (HF SiglipModel folder or big_vision .npz)",
+               False),
+    # LLaVA-1.5's tower; the paper's Eq. 6 ranks CLIP's patch-word similarities by -cos (CLIP Surgery)
+    "clip": ("clip", "L/14", 336, "openai/clip-vit-large-patch14-336 (HF CLIPModel folder)", True),
+}
+S2_SCALES = (336, 672, 1008)  # LLaVA-S2's CLIP-L scales (the paper's CLIP-L @ 1008 rows)
+
+
+def stage1(llm_placeholder: str, preset: str, tower: str = "siglip", s2: bool = False) -> ml_collections.ConfigDict:
     """Stage 1: adapter (+ SEA's tau) on LLaVA-Pretrain-558k, 'plain' template, frozen LLM and
-    SigLIP So400m/14@384; batch 256, lr 1e-3, no weight decay, 3% warmup, cosine, 1 epoch, SEA
-    with lambda = 1.
+    vision tower; batch 256, lr 1e-3, no weight decay, 3% warmup, cosine, 1 epoch, SEA with
+    lambda = 1.
 
     Args:
       llm_placeholder: what ``llm.checkpoint`` should hold (shown in the error until it is set).
       preset: the LLM architecture (``sea_jax.models.llm.PRESETS``), used when no checkpoint is
         set (AOT sizing).
+      tower: "siglip" (So400m/14@384, the paper's SigLIP rows) or "clip" (ViT-L/14@336,
+        LLaVA-1.5's, labels ranked by -cos as Eq. 6).
+      s2: the S2 multi-scale features over the CLIP tower at 336/672/1008 px.
     """
     c = base_config()
     c.stage = 1
     c.llm.checkpoint = PLACEHOLDER + llm_placeholder
     c.llm.preset = preset
-    c.vision.tower = "siglip"
-    c.vision.checkpoint = PLACEHOLDER + "siglip-so400m-patch14-384 (HF SiglipModel folder or big_vision .npz)"
-    c.vision.variant = "So400m/14"
-    c.vision.image_size = 384
+    name, variant, size, placeholder, negate = TOWERS[tower]
+    c.vision.tower = name
+    c.vision.checkpoint = PLACEHOLDER + placeholder
+    c.vision.variant = variant
+    c.vision.image_size = size
+    c.labels.negate_similarity = negate
+    if s2:
+        if tower != "clip":
+            raise ConfigError("S2 is the paper's CLIP-L row: use tower='clip'")
+        c.vision.s2_scales = S2_SCALES
     c.data.kind = "llava_json"
     c.data.json = PLACEHOLDER + "LLaVA-Pretrain/blip_laion_cc_sbu_558k.json"
     c.data.image_root = PLACEHOLDER + "LLaVA-Pretrain/images"
@@ -51,7 +70,8 @@ def stage1(llm_placeholder: str, preset: str) -> ml_collections.ConfigDict:
     return c
 
 
-def stage2(llm_placeholder: str, preset: str, arg: str | None = None) -> ml_collections.ConfigDict:
+def stage2(llm_placeholder: str, preset: str, arg: str | None = None, tower: str = "siglip",
+           s2: bool = False) -> ml_collections.ConfigDict:
     """Stage 2: adapter + LLM on llava_v1_5_mix665k with the LLM's chat template (loss on assistant
     turns), images padded to square with the image mean; batch 128, lr 2e-5, same schedule; starts
     from the stage-1 adapter (``train.init_from``, default ``<workdir>/stage1``). LM loss only
@@ -60,7 +80,7 @@ def stage2(llm_placeholder: str, preset: str, arg: str | None = None) -> ml_coll
     ``arg="prime"`` (``--config=configs/X_finetune.py:prime``): SEA-PRIME, the vision tower trained
     as well at lr 2e-6.
     """
-    c = stage1(llm_placeholder, preset)
+    c = stage1(llm_placeholder, preset, tower, s2)
     c.stage = 2
     c.data.json = PLACEHOLDER + "llava_v1_5_mix665k.json"
     c.data.image_root = PLACEHOLDER + "LLaVA-Finetune image root (coco, gqa, ocr_vqa, textvqa, vg)"
@@ -87,4 +107,4 @@ def no_argument(name: str, arg: str | None) -> None:
         raise ConfigError(f"{name} takes no config argument, got {arg!r}")
 
 
-__all__ = ["stage1", "stage2", "no_argument"]
+__all__ = ["stage1", "stage2", "no_argument", "TOWERS", "S2_SCALES"]

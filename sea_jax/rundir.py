@@ -8,7 +8,12 @@ A *workdir* (``--workdir``) holds both stages of one model; each stage is a *run
         tokenizer/               the LLM tokenizer as trained (``<image>`` added, chat template set)
         checkpoints/<step>/      Orbax checkpoints (:mod:`sea_jax.checkpoint`)
         metrics.jsonl            one JSON row per logged step
-        tensorboard/             event files
+        tensorboard/             event files (tensorboardX: scalars, the probe picture, histograms)
+        manifest.json            what produced the run: code version, libraries, devices, mesh, config, command
+        log.txt                  every library's log lines (the terminal shows only what a person reads)
+        profile/                 jax.profiler trace of log.profile_steps steps from log.profile_start, when set
+        wandb/                   Weights & Biases' files, when log.wandb is on
+        eval/                    in-loop evaluation outputs (eval.every > 0)
         word_table_cache/        the vision tower's embedding of the word list (on-the-fly labels)
       stage2/                    the run of stage 2, same layout; starts from stage1's adapter
       labels/                    offline labels (``python -m sea_jax.labels``) unless labels.output_dir says

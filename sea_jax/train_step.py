@@ -2,7 +2,7 @@
 
 Data flow of one step::
 
-    pixels -> SigLIP image tower (frozen) -> hidden_states[layer] -> adapter -> visual tokens
+    pixels -> vision tower (frozen) -> hidden_states[layer] (or S2 features) -> adapter -> visual tokens
            -> merged at <image> into the text embeddings -> LLM -> L_lm            (Eq. 10)
     per-patch joint features -> top-n words (on the fly)  | or labels from the batch (Eq. 4-6)
            -> k x k window sampling + global keep-one-per-label dedup              (Eq. 7)
@@ -59,6 +59,9 @@ class StepConfig:
         batch, as SEA defines it, from visual tokens computed once per step.
       logits_chunk: > 0 computes the LM loss this many positions at a time without ever holding
         the [batch, length, vocab] logits (Gemma's 256k vocabulary); 0 = plain logits.
+      label_chunk: on-the-fly labels score the word table this many words at a time with a
+        running top-n (``labels.chunk_size``, as the offline labeller), never holding the
+        [batch, patches, words] similarity (256 x 729 x 40k float32 is 30 GB); 0 = all at once.
     """
 
     lam: float = 1.0
@@ -71,6 +74,7 @@ class StepConfig:
     seed: int = 0
     microbatches: int = 1
     logits_chunk: int = 0
+    label_chunk: int = 0
 
     def __post_init__(self):
         if self.label_source not in LABEL_SOURCES:
@@ -86,6 +90,7 @@ class StepConfig:
             negate_similarity=bool(config.labels.negate_similarity), label_source=config.sea.label_source,
             tau_min=float(config.sea.tau_min), trainable=tuple(config.train.trainable), seed=int(config.seed),
             microbatches=int(config.train.microbatches), logits_chunk=int(config.train.logits_chunk),
+            label_chunk=int(config.labels.chunk_size),
         )
 
 
@@ -189,7 +194,8 @@ def _alignment(model, scfg, params, frozen, batch, key, mesh, visual_tokens, pat
     """Eq. 4-9 on the global batch: labels (on the fly or from the batch), window sampling,
     global dedup, the distributed symmetric InfoNCE."""
     if scfg.label_source == "on_the_fly":
-        ids, scores, valid = labels_lib.top_labels(patch_embeds, frozen["word_table"], scfg.top_n, scfg.negate_similarity)
+        ids, scores, valid = labels_lib.top_labels(patch_embeds, frozen["word_table"], scfg.top_n, scfg.negate_similarity,
+                                                   chunk_size=scfg.label_chunk or None)
     else:
         ids, scores = batch["label_ids"], batch["label_scores"].astype(jnp.float32)
         valid = scores > 0
@@ -229,7 +235,6 @@ def accumulated_grads(
             "microbatches > 1 with a trained vision tower and lam > 0 would need the tower's activations "
             "for the whole global batch at once; use lam = 0 (stage 2) or microbatches = 1"
         )
-    layer = model.cfg.vision_feature_layer
     image = None
     if not vision_trained:
         image = model.encode_images(frozen["vision"], batch["images"])
@@ -239,7 +244,7 @@ def accumulated_grads(
         def align_fn(p):
             prm = {**frozen, **p}
             img = image if image is not None else model.encode_images(prm["vision"], batch["images"])
-            tokens = model.adapter.apply({"params": prm["adapter"]}, img.hidden_states[layer])
+            tokens = model.visual_tokens(prm["adapter"], img)
             out = _alignment(model, scfg, prm, frozen, batch, key, mesh, tokens, img.patch_embeds)
             return out.loss, out
 
@@ -250,11 +255,11 @@ def accumulated_grads(
     if vision_trained:
         xs["images"] = _split_microbatches(batch["images"], m)
     else:
-        xs["feats"] = _split_microbatches(image.hidden_states[layer], m)
+        xs["feats"] = _split_microbatches(image.features, m)
 
     def lm_sum(p, mb):
         prm = {**frozen, **p}
-        feats = mb["feats"] if "feats" in mb else model.encode_images(prm["vision"], mb["images"]).hidden_states[layer]
+        feats = mb["feats"] if "feats" in mb else model.encode_images(prm["vision"], mb["images"]).features
         feats = sharding.constrain(feats, ("batch", "length", "act_embed"))
         chunk = scfg.logits_chunk
         fwd = model.forward_features(prm, feats, mb["input_ids"], mb["attention_mask"], compute_logits=not chunk)

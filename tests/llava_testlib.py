@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from sea_jax.models import siglip
 from sea_jax.models.llm import LLMConfig
 from sea_jax.models.mllm import MLLM, MLLMConfig
 from sea_jax.models.siglip import SigLIPConfig
@@ -68,11 +67,11 @@ def init_params(cfg: MLLMConfig, seed: int = 0) -> dict:
     Filling the shapes on the host avoids compiling three init programs (slow on a shared CPU).
     Norm scales are random too (Gemma zero-inits them), so a (1 + w) slip would show.
     """
-    from sea_jax.models.mllm import abstract_params
+    from sea_jax.models.mllm import abstract_params, tower_module
 
     rng = np.random.default_rng(seed)
     shapes = nn.unbox(abstract_params(cfg))
-    text = nn.unbox(siglip.abstract_params(cfg.vision))  # the text tower too, as training holds it
+    text = nn.unbox(tower_module(cfg.vision).abstract_params(cfg.vision))  # the text tower too, as training holds it
     shapes["vision"] = {**{k: v for k, v in text.items() if k != "img"}, "img": shapes["vision"]["img"]}
 
     def fill(path, x):

@@ -66,9 +66,9 @@ def test_one_labelled_patch_per_window_and_a_valid_label():
                 assert out.label[r, i, win] in ids[i, pch][ok[i, pch]]  # one of its valid labels
 
 
-def test_patch_choice_uniform_and_label_frequencies_follow_eq7():
-    # One 3x3 window (k=3) per image. Labelled patches: 0, 4, 5, 8. Patch 3 is marked valid but its
-    # scores are <= 0; the other patches have no valid label. 256 images x 48 keys = 12288 draws.
+def _eq7_fixture():
+    """One 3x3 window (k=3) per image. Labelled patches: 0, 4, 5, 8. Patch 3 is marked valid but
+    its scores are <= 0; the other patches have no valid label."""
     n = 5
     ids = np.zeros((9, n), np.int32)
     scores = np.full((9, n), 0.5, np.float32)
@@ -79,37 +79,51 @@ def test_patch_choice_uniform_and_label_frequencies_follow_eq7():
     ids[5], scores[5], valid[5, 0] = [30, 31, 32, 33, 34], 0.3, True
     ids[8], scores[8], valid[8, :2] = [40, 41, 42, 43, 44], [0.6, 0.3, 1, 1, 1], True
     ids[3], scores[3], valid[3] = [50, 51, 52, 53, 54], [0.0, -0.1, -0.5, 0.0, -1.0], True
+    return ids, scores, valid
+
+
+def _eq7_draws(sample_windows):
+    """(patch, label) of 256 images x 48 keys = 12288 draws of ``sample_windows`` on the fixture."""
+    ids, scores, valid = _eq7_fixture()
     b = 256
     tile = lambda a: np.broadcast_to(a, (b,) + a.shape)  # noqa: E731
     keys = jax.random.split(jax.random.key(7), 48)
-    run = jax.jit(jax.vmap(lambda key: S.sample_windows(key, tile(ids), tile(scores), tile(valid), (3, 3), 3)))
+    run = jax.jit(jax.vmap(lambda key: sample_windows(key, tile(ids), tile(scores), tile(valid), (3, 3), 3)))
     out = run(keys)
-    patch = np.asarray(out.patch_index).ravel()
-    label = np.asarray(out.label).ravel()
     assert np.asarray(out.valid).all()
-    assert set(np.unique(patch)) <= {0, 4, 5, 8}  # never an unlabelled patch (3 included)
-    counts = np.array([(patch == q).sum() for q in (0, 4, 5, 8)])
-    assert stats.chisquare(counts).pvalue > P_MIN  # uniform among labelled patches
+    return np.asarray(out.patch_index).ravel(), np.asarray(out.label).ravel()
 
-    def check(q, expected_labels, weights):
+
+def _eq7_pvalues(patch, label) -> dict:
+    """Chi-square p-values: the patch choice uniform among labelled patches, and each patch's
+    label frequencies proportional to its valid positive scores (Eq. 7)."""
+    out = {"patch": stats.chisquare(np.array([(patch == q).sum() for q in (0, 4, 5, 8)])).pvalue}
+    for q, labels, weights in ((0, [10, 11, 12, 13], [0.5, 0.3, 0.15, 0.05]), (4, [20, 22], [0.8, 0.2]),
+                               (8, [40, 41], [0.6, 0.3])):
         got = label[patch == q]
-        assert set(np.unique(got)) <= set(expected_labels)
-        obs = np.array([(got == lab).sum() for lab in expected_labels])
-        exp = np.asarray(weights, float) / np.sum(weights) * len(got)
-        assert stats.chisquare(obs, exp).pvalue > P_MIN, (q, obs, exp)
+        obs = np.array([(got == lab).sum() for lab in labels])
+        out[q] = stats.chisquare(obs, np.asarray(weights, float) / np.sum(weights) * len(got)).pvalue
+    return out
 
-    check(0, [10, 11, 12, 13], [0.5, 0.3, 0.15, 0.05])  # 14 has score <= 0
-    check(4, [20, 22], [0.8, 0.2])  # masked labels never drawn, even with a high score
-    check(8, [40, 41], [0.6, 0.3])
+
+def test_patch_choice_uniform_and_label_frequencies_follow_eq7():
+    patch, label = _eq7_draws(S.sample_windows)
+    assert set(np.unique(patch)) <= {0, 4, 5, 8}  # never an unlabelled patch (3 included)
+    assert set(np.unique(label[patch == 0])) <= {10, 11, 12, 13}  # 14 has score <= 0
+    assert set(np.unique(label[patch == 4])) <= {20, 22}  # masked labels never drawn, even with a high score
     assert (label[patch == 5] == 30).all()
+    p = _eq7_pvalues(patch, label)
+    assert min(p.values()) > P_MIN, p
 
 
-def test_sampler_chi_square_can_fail():
-    # The same statistic rejects a sampler that ignores the scores (uniform labels), so the Eq. 7
-    # test above has power.
-    obs = np.array([3072, 3072, 3072, 3072])
-    exp = np.array([0.5, 0.3, 0.15, 0.05]) * obs.sum()
-    assert stats.chisquare(obs, exp).pvalue < P_MIN
+def test_eq7_check_rejects_a_sampler_that_ignores_the_scores():
+    """The check above has power: the same sampler fed equal weights (a bug that drops S_i and
+    picks labels uniformly) fails it on the labels and still passes on the patches."""
+    def uniform_labels(key, ids, scores, valid, grid, k):
+        return S.sample_windows(key, ids, np.where(scores > 0, 1.0, scores).astype(np.float32), valid, grid, k)
+
+    p = _eq7_pvalues(*_eq7_draws(uniform_labels))
+    assert p["patch"] > P_MIN and p[0] < P_MIN and p[4] < P_MIN, p
 
 
 def test_dedup_keeps_exactly_one_per_label_uniformly():

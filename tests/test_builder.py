@@ -21,7 +21,8 @@ from sea_jax.errors import ConfigError, PathError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = ["gemma2b", "gemma2b_finetune", "vicuna7b", "vicuna7b_finetune", "llama3_8b", "llama3_8b_finetune",
-           "phi3_mini", "phi3_mini_finetune"]
+           "phi3_mini", "phi3_mini_finetune", "vicuna13b", "vicuna13b_finetune", "clip_vicuna7b",
+           "clip_vicuna7b_finetune", "clip_vicuna13b", "clip_vicuna13b_finetune", "s2_vicuna7b", "s2_vicuna7b_finetune"]
 
 
 def load_config(name, arg=None):
@@ -82,8 +83,15 @@ def test_aot_compiles_the_parameters_train_builds(name, tmp_path):
     llm_dir.mkdir()
     vis_dir.mkdir()
     (llm_dir / "config.json").write_text(json.dumps(hf_llm.config_to_hf(preset)))
-    vis = siglip.siglip_config(shipped.vision.variant, image_size=shipped.vision.image_size)
-    (vis_dir / "config.json").write_text(json.dumps(hf_siglip.config_to_hf(vis)))
+    if shipped.vision.tower == "clip":
+        from sea_jax.convert import hf_clip
+        from sea_jax.models import clip
+
+        vis = clip.clip_config(shipped.vision.variant, image_size=shipped.vision.image_size)
+        (vis_dir / "config.json").write_text(json.dumps(hf_clip.config_to_hf(vis)))
+    else:
+        vis = siglip.siglip_config(shipped.vision.variant, image_size=shipped.vision.image_size)
+        (vis_dir / "config.json").write_text(json.dumps(hf_siglip.config_to_hf(vis)))
     real = load_config(name)
     real.labels.default_size = 200
     real.llm.checkpoint, real.vision.checkpoint = str(llm_dir), str(vis_dir)
@@ -241,3 +249,32 @@ def test_validate_names_the_field(field, value, message):
     with pytest.raises(ConfigError) as e:
         config_lib.validate(c)
     assert message in str(e.value)
+
+
+def test_log_tau_has_its_own_learning_rate():
+    """``sea.log_tau_lr``: Adam's update of each part is -lr(t) for constant gradients (m / sqrt(v) = 1), so log tau
+    moves by its own peak lr, the adapter by optim.lr (0 = log tau follows optim.lr)."""
+    c = config_lib.base_config()
+    c.optim.lr, c.optim.warmup_ratio = 1e-3, 0.0
+    c.sea.log_tau_lr = 0.05
+    params = {"adapter": jnp.zeros((3,)), "log_tau": jnp.zeros(())}
+    grads = {"adapter": jnp.ones((3,)), "log_tau": jnp.ones(())}
+    for lr_tau, want in ((0.05, 0.05), (0.0, 1e-3)):
+        c.sea.log_tau_lr = lr_tau
+        tx, _ = builder.optimizer(c, 100)
+        state = tx.init(params)
+        _, state = tx.update(grads, state, params)  # step 0: the one warmup step, lr 0
+        updates, _ = tx.update(grads, state, params)
+        np.testing.assert_allclose(np.asarray(updates["adapter"]), -1e-3, rtol=1e-3)
+        np.testing.assert_allclose(float(updates["log_tau"]), -want, rtol=1e-3)
+    c.sea.tau_init = 0.07
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    c.llm.preset = "gemma_2b"
+    c.llm.overrides = ml_collections.ConfigDict(dict(vocab_size=32, hidden=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                                     head_dim=8, mlp_dim=32))
+    c.vision.variant, c.vision.image_size = "B/16", 32
+    c.vision.overrides = ml_collections.ConfigDict(dict(width=16, depth=1, mlp_dim=32, num_heads=2, text_width=16,
+                                                        text_depth=1, text_mlp_dim=32, text_num_heads=2, out_dim=16))
+    mcfg = builder.model_config(c, builder.read_sources(c))
+    tau = builder.load_params(c, builder.read_sources(c), mcfg, mesh, parts=["log_tau"])["log_tau"]
+    np.testing.assert_allclose(float(jnp.exp(tau)), 0.07, rtol=1e-6)

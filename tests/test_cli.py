@@ -7,9 +7,10 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOLS = ["train", "labels", "aot", "export", "generate", "probe", "eval"]
+TOOLS = ["train", "labels", "aot", "export", "generate", "probe", "eval", "records"]
 RECIPES = ["gemma2b", "gemma2b_finetune", "vicuna7b", "vicuna7b_finetune", "llama3_8b", "llama3_8b_finetune",
-           "phi3_mini", "phi3_mini_finetune"]
+           "phi3_mini", "phi3_mini_finetune", "vicuna13b", "vicuna13b_finetune", "clip_vicuna7b",
+           "clip_vicuna7b_finetune", "clip_vicuna13b", "clip_vicuna13b_finetune", "s2_vicuna7b", "s2_vicuna7b_finetune"]
 
 
 def run(*args, timeout=180):

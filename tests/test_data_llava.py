@@ -256,3 +256,30 @@ def test_add_image_token():
     assert tok("a <image> b", add_special_tokens=False)["input_ids"].count(res.id) == 1
     again = llava.add_image_token(tok, vocab_size=n + 1)
     assert again == llava.ImageToken(res.id, False, False)
+
+
+@pytest.mark.parametrize("text, want", [
+    ("What is this?\n<image>", "<image>\nWhat is this?"),
+    ("<image>\nWhat is this?", "<image>\nWhat is this?"),
+    ("Look: <image> what is it? ", "<image>\nLook:  what is it?"),
+    ("<image>", "<image>"),
+    ("  <image>\n\n", "<image>"),
+])
+def test_image_token_placed_as_llava_1_5(text, want):
+    """LLaVA-1.5's preprocess_multimodal: the placeholder removed, the text stripped, "<image>\\n"
+    in front, stripped again."""
+    assert llava.place_image_token(text) == want
+
+
+def test_chat_encoding_moves_the_image_to_the_front_of_its_turn():
+    tok = _tok_for("llama3", "bytelevel")
+    img = tok.convert_tokens_to_ids("<image>")
+    enc = llava.Encoder(tok, "chat", img, 3, 4096)
+    conv = lambda first: {"id": "x", "image": "a.png", "conversations": [  # noqa: E731
+        {"from": "human", "value": first}, {"from": "gpt", "value": "A red bus."},
+        {"from": "human", "value": "And the sky?"}, {"from": "gpt", "value": "Blue."}]}
+    placed = enc.encode(llava.parse_record(conv("<image>\nWhat is in the picture?"), 0))
+    for other in ("What is in the picture?\n<image>", "What is in the picture? <image>", "What is in the picture?"):
+        got = enc.encode(llava.parse_record(conv(other), 0))
+        assert got.input_ids.tolist() == placed.input_ids.tolist(), other
+        np.testing.assert_array_equal(got.loss_mask, placed.loss_mask)

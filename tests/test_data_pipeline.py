@@ -119,7 +119,8 @@ def test_faults_skipped_counted_logged(tmp_path, chat_tok, caplog):
     ids = sorted(s for b in batches for s in b["sample_id"].tolist())
     assert ids == sorted(f"good{i}" for i in range(GOOD))
     assert stats.skipped == {"bad_record": 1, "empty_response": 1, "missing_image": 1, "corrupt_image": 1,
-                             "image_truncated": 0, "target_truncated": 1, "template_mismatch": 0}
+                             "image_truncated": 0, "target_truncated": 1, "template_mismatch": 0,
+                             "image_outside_root": 0}
     assert stats.samples == GOOD and stats.batches == 3
     logged = caplog.text
     for sid in ("bad_missing", "bad_corrupt", "bad_fields", "bad_empty", "bad_long"):
@@ -259,3 +260,18 @@ def test_tfds_style_source_captions(tmp_path, tok):
     assert len(batches) == 2 and stats.skipped["empty_response"] == 1
     assert all(b["has_image"].all() for b in batches)
     assert pipeline.num_examples(c, source=examples) == 6
+
+
+def test_data_that_rejects_every_sample_is_an_error_not_a_hang():
+    """A context too short for any sample: every record is skipped; the iterator stops with a
+    DataFormatError naming the reasons instead of searching forever."""
+    from sea_jax.data import pipeline
+    from sea_jax.errors import DataFormatError
+
+    import grain
+
+    bad = grain.MapDataset.range(10**9).map(
+        lambda i: {"skip": "target_truncated", "sample_id": f"s{i}", "detail": "too long", "source": 0})
+    it = iter(pipeline._batch_dataset([bad.to_iter_dataset()], 2, lambda rows: {}, max_skips=50))
+    with pytest.raises(DataFormatError, match=r"51 bad samples in a row.*target_truncated.*data.max_length"):
+        next(it)

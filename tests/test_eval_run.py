@@ -247,3 +247,35 @@ def test_export_stops_at_the_templates_end_of_turn_and_the_lmms_eval_path(tmp_pa
         n = int(got.lengths[0])
         np.testing.assert_array_equal(np.asarray(got.tokens[0, :n]), hf_ids[:n])
         assert len(hf_ids) == n or (hf_ids[n:] == eot).all()
+
+
+def test_in_loop_evaluation_in_a_cli_run_leaves_training_bit_exact(assets, tmp_path):  # noqa: F811
+    """``eval.every``: eval/* rows in metrics.jsonl at the evaluation steps; the trained parameters
+    are bit-equal to a run without evaluation, and to a run resumed across an evaluation step."""
+    import shutil
+
+    from test_train import _params
+
+    base = {"train.num_steps": 6, "train.checkpoint_every": 2, "data.num_shards": 2}
+    ev = {**base, "eval.every": 3, "eval.heldout_json": assets["clean"], "eval.heldout_samples": 8,
+          "eval.probe_images": 8, "eval.batch_size": 8}
+    plain, with_eval = tmp_path / "plain", tmp_path / "eval"
+    _run(_args(assets, plain, 1, data=assets["clean"], **base), tmp_path / "plain.log")
+    _run(_args(assets, with_eval, 1, data=assets["clean"], **ev), tmp_path / "eval.log")
+    rows = [json.loads(x) for x in open(with_eval / "stage1" / "metrics.jsonl")]
+    evals = [r for r in rows if "eval/lm_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert all(np.isfinite(r["eval/lm_loss"]) and 0 <= r["eval/label_accuracy"] <= 1 for r in evals)
+    step, p_eval = _params(with_eval / "stage1")
+    _, p_plain = _params(plain / "stage1")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p_eval, p_plain)
+    # resume from step 2, across the evaluation at step 3
+    ck = with_eval / "stage1" / "checkpoints"
+    for s in ("4", "6"):
+        shutil.rmtree(ck / s)
+    out = _run(_args(assets, with_eval, 1, data=assets["clean"], **ev), tmp_path / "resume.log")
+    assert "resumed from step 2" in out
+    _, p_resumed = _params(with_eval / "stage1")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p_resumed, p_plain)
+    rows = [json.loads(x) for x in open(with_eval / "stage1" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "eval/lm_loss" in r] == [3, 6]  # one trajectory

@@ -299,7 +299,7 @@ def test_file_identity(tmp_path):
 
 def torch_per_patch_features(model, pixels_nhwc, feature):
     """Per-patch joint-space features from a HF SiglipModel, computed with torch modules only:
-    "map_head" = each final-layer token alone through the MAP head (attention over one key/value
+    "joint" = each final-layer token alone through the MAP head (attention over one key/value
     is out_proj(v_proj(x))), then the head's LayerNorm + MLP residual; "raw" = last_hidden_state."""
     import torch
 
@@ -335,7 +335,7 @@ def tiny_hf_siglip(tmp_path_factory):
     return model, folder
 
 
-@pytest.mark.parametrize("feature,negate", [("map_head", False), ("raw", True)])
+@pytest.mark.parametrize("feature,negate", [("joint", False), ("raw", True)])
 def test_labeller_matches_torch_topk(tiny_hf_siglip, make_mesh, feature, negate):
     import torch
     from sea_jax.convert import hf_siglip

@@ -5,7 +5,7 @@ Layers (docs/design.md, "Layers"), lowest first::
 
     base      errors, config                        (what everything may read)
     library   models/ align/ data/ convert/ sharding tokenizer metrics rundir checkpoint
-              train_step recipes
+              train_step recipes storage logs tracking progress manifest goodput
     builder   builder                               (config -> model, the one road)
     tools     train aot export probe labels generate demo eval
     entry     <tool>.__main__, cli                  (command lines)
@@ -25,9 +25,10 @@ PKG = ROOT / "sea_jax"
 BASE = {"sea_jax.errors", "sea_jax.config"}
 LIBRARY_PACKAGES = ("sea_jax.models", "sea_jax.align", "sea_jax.data", "sea_jax.convert")
 LIBRARY = {"sea_jax.sharding", "sea_jax.tokenizer", "sea_jax.metrics", "sea_jax.rundir", "sea_jax.checkpoint",
-           "sea_jax.train_step", "sea_jax.recipes", "sea_jax", "sea_jax.storage"}
+           "sea_jax.train_step", "sea_jax.recipes", "sea_jax", "sea_jax.storage", "sea_jax.logs", "sea_jax.tracking",
+           "sea_jax.progress", "sea_jax.manifest", "sea_jax.goodput"}
 TOOLS = ("sea_jax.train", "sea_jax.aot", "sea_jax.export", "sea_jax.probe", "sea_jax.labels", "sea_jax.generate",
-         "sea_jax.demo", "sea_jax.eval")
+         "sea_jax.demo", "sea_jax.eval", "sea_jax.records")
 RANK = {"base": 0, "library": 1, "builder": 2, "tools": 3, "entry": 4}
 
 

@@ -1,10 +1,6 @@
-"""sea_jax.metrics: the FLOP formula on hand-computed cases, the peak table, the TensorBoard event
-encoding (CRC-32C test vector, round trip), metrics.jsonl."""
-import json
-import struct
-
+"""sea_jax.metrics: the FLOP formula on hand-computed cases and the peak table. (metrics.jsonl and
+the TensorBoard events are sea_jax.tracking's, tested in tests/test_observe.py.)"""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -64,45 +60,3 @@ def test_peak_table():
     assert M.peak_tflops("NVIDIA A100-SXM4-40GB") == 312
     assert M.peak_tflops("cpu") is None
     assert M.peak_tflops(jax.devices()[0].device_kind) is None  # the test host is a CPU
-
-
-def test_crc32c_vector_and_event_round_trip(tmp_path):
-    assert M.crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value
-    w = M.EventWriter(str(tmp_path))
-    w.scalars(3, {"loss": 1.5, "lr": 1e-3, "mfu": None, "bad": float("nan")})
-    w.scalars(4, {"loss": 1.25})
-    w.close()
-    ev = M.read_events(w.path)
-    assert ev[0]["file_version"] == "brain.Event:2"
-    assert ev[1]["step"] == 3 and ev[1]["scalars"] == {"loss": 1.5, "lr": pytest.approx(1e-3)}
-    assert ev[2]["step"] == 4 and ev[2]["scalars"] == {"loss": 1.25}
-    # a flipped byte is caught by the CRC
-    data = bytearray(open(w.path, "rb").read())
-    data[-6] ^= 0xFF
-    open(w.path, "wb").write(bytes(data))
-    with pytest.raises(ValueError, match="CRC"):
-        M.read_events(w.path)
-
-
-def test_event_wire_format_by_hand():
-    # Event{wall_time=1.0, step=5, summary{value{tag="a", simple_value=2.0}}}
-    got = M.encode_event(1.0, 5, {"a": 2.0})
-    value = b"\x0a\x01a" + b"\x15" + struct.pack("<f", 2.0)
-    want = b"\x09" + struct.pack("<d", 1.0) + b"\x10\x05" + b"\x2a" + bytes([len(value) + 2]) + b"\x0a" + bytes([len(value)]) + value
-    assert got == want
-
-
-def test_metrics_logger_jsonl_and_resume_truncation(tmp_path):
-    log = M.MetricsLogger(str(tmp_path), total_steps=5, progress=False)
-    for s in (1, 2, 3):
-        log.log(s, {"loss": jnp.asarray(2.0 / s), "mfu": None, "n": np.int32(s)})
-    log.close()
-    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    assert rows[0] == {"step": 1, "loss": 2.0, "mfu": None, "n": 1}
-    # a resume from step 2 drops step 3 (recomputed by the resumed run)
-    M.MetricsLogger(str(tmp_path), total_steps=5, initial_step=2, progress=False).close()
-    assert [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")] == [1, 2]
-    off = M.MetricsLogger(str(tmp_path / "other"), total_steps=5, enabled=False)
-    off.log(1, {"loss": 1.0})
-    off.close()
-    assert not (tmp_path / "other").exists()

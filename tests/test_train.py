@@ -456,7 +456,8 @@ def test_two_processes_match_one(assets, reference, tmp_path):
 
 
 CONFIGS = ["gemma2b", "gemma2b_finetune", "vicuna7b", "vicuna7b_finetune", "llama3_8b", "llama3_8b_finetune",
-           "phi3_mini", "phi3_mini_finetune"]
+           "phi3_mini", "phi3_mini_finetune", "vicuna13b", "vicuna13b_finetune", "clip_vicuna7b",
+           "clip_vicuna7b_finetune", "clip_vicuna13b", "clip_vicuna13b_finetune", "s2_vicuna7b", "s2_vicuna7b_finetune"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

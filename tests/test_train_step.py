@@ -26,17 +26,23 @@ N_WORDS = 24
 TOP_N = 3
 
 
-def _hf_llava():
+VISION = {
+    "siglip": dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                   num_attention_heads=4, image_size=16, patch_size=4),
+    "clip": dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                 num_attention_heads=4, image_size=16, patch_size=4, projection_dim=24, hidden_act="quick_gelu"),
+}
+STRATEGY = {"siglip": "full", "clip": "default"}  # CLIP: the CLS token is dropped (LLaVA-1.5)
+
+
+def _hf_llava(tower="siglip"):
     cfg = LlavaConfig(
-        vision_config=dict(
-            model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-            num_attention_heads=4, image_size=16, patch_size=4,
-        ),
+        vision_config=VISION[tower],
         text_config=dict(
             model_type="gemma", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=8,
         ),
-        image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="full",
+        image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy=STRATEGY[tower],
         projector_hidden_act="gelu", image_seq_length=P,
     )
     torch.manual_seed(0)
@@ -49,13 +55,22 @@ def _hf_llava():
     return model
 
 
-def _ours_from_hf(model):
+def _ours_from_hf(model, tower="siglip"):
+    from sea_jax.convert import hf_clip
+
     sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     reader = mapping.DictReader(sd, "hf llava")
     llm_cfg = hf_llm.config_from_hf(model.config.text_config.to_dict(), dtype=jnp.float32)
-    vis_cfg = hf_siglip.config_from_hf(model.config.vision_config.to_dict())
     llm_params = mapping.load(hf_llm.hf_param_mapping(llm_cfg, prefix="model.language_model.", lm_head="lm_head.weight"), reader)
-    vis_params = mapping.load(hf_siglip.siglip_vision_params(vis_cfg, name_prefix="model.vision_tower."), reader)
+    if tower == "clip":
+        vis_cfg = hf_clip.config_from_hf(model.config.vision_config.to_dict())
+        vis_params = mapping.load(hf_clip.clip_vision_params(vis_cfg, name_prefix="model.vision_tower."), reader)
+        # a Llava's CLIPVisionModel has no visual projection; the labels' projection, random here
+        vis_params["img"]["visual_projection"] = {"kernel": np.random.default_rng(0).normal(
+            size=(vis_cfg.width, vis_cfg.out_dim)).astype(np.float32)}
+    else:
+        vis_cfg = hf_siglip.config_from_hf(model.config.vision_config.to_dict())
+        vis_params = mapping.load(hf_siglip.siglip_vision_params(vis_cfg, name_prefix="model.vision_tower."), reader)
     adapter = {
         f"linear_{i}": {
             "kernel": sd[f"model.multi_modal_projector.linear_{i}.weight"].T,
@@ -109,7 +124,7 @@ def setup():
     return hf, model, params, (wt_ids, wt_mask), table
 
 
-def _torch_reference(hf, batch, pairs, word_tokens, log_tau, lam):
+def _torch_reference(hf, batch, pairs, word_tokens, log_tau, lam, strategy="full"):
     """Eq. 8-11 from the paper on HF Llava; returns losses and grads of projector + log_tau."""
     hf.zero_grad()
     ids = torch.from_numpy(batch["input_ids"]).long()
@@ -119,7 +134,7 @@ def _torch_reference(hf, batch, pairs, word_tokens, log_tau, lam):
     out = hf(input_ids=ids, pixel_values=pix, attention_mask=attn, labels=labels)
     l_lm = out.loss
     # Visual tokens X_v = g(f(image)) at the sampled patches.
-    feats = torch.stack(list(hf.model.get_image_features(pix, vision_feature_layer=-2, vision_feature_select_strategy="full").pooler_output))
+    feats = torch.stack(list(hf.model.get_image_features(pix, vision_feature_layer=-2, vision_feature_select_strategy=strategy).pooler_output))
     keep = np.asarray(pairs.keep)
     bi, wi = np.nonzero(keep)
     patch = np.asarray(pairs.patch_index)[bi, wi]
@@ -148,8 +163,18 @@ def _torch_reference(hf, batch, pairs, word_tokens, log_tau, lam):
     return total.item(), l_lm.item(), l_a.item(), grads, float(lt.grad), n
 
 
-def test_step_loss_and_grads_match_pytorch_reference(setup):
-    hf, model, params, word_tokens, table = setup
+@pytest.fixture(scope="module")
+def clip_setup():
+    hf = _hf_llava("clip")
+    model, params = _ours_from_hf(hf, "clip")
+    wt_ids, wt_mask = _word_tokens()
+    table = loss_lib.label_embedding_table(params["llm"]["embedder"]["embedding"], wt_ids, wt_mask)
+    return hf, model, params, (wt_ids, wt_mask), table
+
+
+@pytest.mark.parametrize("tower", ["siglip", "clip"])
+def test_step_loss_and_grads_match_pytorch_reference(tower, request):
+    hf, model, params, word_tokens, table = request.getfixturevalue("setup" if tower == "siglip" else "clip_setup")
     batch = _batch()
     scfg = StepConfig(lam=0.7, label_source="batch", seed=3)
     trainable, frozen = split_params(params, scfg.trainable)
@@ -164,7 +189,7 @@ def test_step_loss_and_grads_match_pytorch_reference(setup):
     pairs = sampling.select_pairs(key, jb["label_ids"], jb["label_scores"], valid, (GRID, GRID), scfg.window)
     assert int(np.asarray(pairs.keep).sum()) > 4
     ref_total, ref_lm, ref_a, ref_grads, ref_tau_grad, n = _torch_reference(
-        hf, batch, pairs, word_tokens, params["log_tau"], scfg.lam
+        hf, batch, pairs, word_tokens, params["log_tau"], scfg.lam, STRATEGY[tower]
     )
     assert int(metrics["pairs_kept"]) == n
     np.testing.assert_allclose(float(metrics["lm_loss"]), ref_lm, rtol=1e-4)
@@ -242,18 +267,48 @@ def test_shard_count_invariance(setup, one_device_run, axes):
 
 
 def test_frozen_means_frozen(setup):
+    """What the step returns holds exactly the trainable parts (and their optimizer state); the
+    frozen parts it was given come back untouched and undonated; only the trainable parts move."""
     _, model, params, _, table = setup
     batch = _batch(b=8, seed=4)
     before = jax.tree.map(np.array, params)
     state, hist, frozen = _run_step_on_mesh(model, params, table, batch, sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), steps=3)
+    assert sorted(state.params) == ["adapter", "log_tau"]
+    leaves_of = lambda t: {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(t)}  # noqa: E731
+    opt_paths = " ".join(leaves_of(state.opt_state))
+    assert "adapter" in opt_paths and "'llm'" not in opt_paths and "'vision'" not in opt_paths
     for part in ("vision", "llm"):
+        for leaf in jax.tree.leaves(frozen[part]):
+            assert not leaf.is_deleted()  # never donated to the step
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), frozen[part], before[part])
+    full = {**frozen, **state.params}  # the model the run now has
+    for part in ("vision", "llm"):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), full[part], before[part])
     changed = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), b), state.params["adapter"], before["adapter"])
     assert all(jax.tree.leaves(changed))
     assert float(state.params["log_tau"]) != float(before["log_tau"])
     assert int(state.step) == 3
-    assert set(jax.tree.leaves(jax.tree.map(lambda x: x.shape, state.opt_state))) and "llm" not in str(jax.tree.structure(state.opt_state))
     assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_text_only_rows_give_no_alignment_pairs(setup):
+    """A text-only row (``has_image`` False) carries a dummy image whose labels would be valid: its
+    patches must give no (token, label) candidate. The step with such a row equals the step with
+    that row's labels removed, and differs from the step where the row has its image."""
+    _, model, params, _, table = setup
+    batch = _batch(b=4, seed=9)
+    key = step_key(0, jnp.asarray(0))
+    scfg = StepConfig(lam=1.0, label_source="batch")
+    trainable, frozen = split_params(params, scfg.trainable)
+    frozen = dict(frozen, label_table=table)
+    run = jax.jit(lambda b: loss_fn(model, scfg, trainable, frozen, b, key)[1])
+    text_only = dict(batch, has_image=np.asarray([True, False, True, True]))
+    no_labels = dict(batch, label_scores=np.where(np.arange(4)[:, None, None] == 1, -1.0,
+                                                  batch["label_scores"]).astype(np.float32))
+    with_image = batch
+    got, want, other = (run(jax.tree.map(jnp.asarray, b)) for b in (text_only, no_labels, with_image))
+    assert int(got["pairs_kept"]) == int(want["pairs_kept"]) < int(other["pairs_kept"])
+    np.testing.assert_allclose(float(got["align_loss"]), float(want["align_loss"]), rtol=1e-6)
 
 
 def test_empty_label_batch_gives_zero_align_loss_and_finite_grads(setup):

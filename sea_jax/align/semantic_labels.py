@@ -574,10 +574,6 @@ def _sharded_fn(mesh: Mesh, n: int, negate: bool, num_words: int, word_axes: tup
 # ----------------------------------------------------------------------------------------------
 # Pixels -> labels
 
-#: accepted names of the per-patch feature (config spelling -> ``siglip.ImageTower`` mode)
-FEATURES = {"map_head": "map", "map": "map", "raw": "encoded", "encoded": "encoded"}
-
-
 def make_labeller(
     cfg,
     image_params,
@@ -586,7 +582,7 @@ def make_labeller(
     *,
     n: int = 10,
     negate_similarity: bool = False,
-    feature: str = "map_head",
+    feature: str | None = None,
     num_words: int | None = None,
     word_axes: str | Sequence[str] | None = "tensor",
     batch_axes: str | Sequence[str] | None = None,
@@ -596,14 +592,17 @@ def make_labeller(
 ) -> Callable[[np.ndarray | Array], tuple[Array, Array, Array]]:
     """``pixels [b, h, w, 3] -> (ids, scores, valid)`` each [b, p, n]: the labelling program.
 
-    One jitted computation on ``mesh``: the SigLIP image tower (per-patch joint-space features,
-    ``feature="map_head"``: every final-layer patch token alone through the MAP head, docs/design.md
-    "Semantic labels"; ``"raw"``: the encoder output after ``encoder_norm``), then
-    :func:`sharded_top_labels` against the word table. The batch is split over ``batch_axes``
+    One jitted computation on ``mesh``: the image tower's per-patch features (the tower config's
+    ``patch_features``, which the builder sets from ``labels.feature``: ``"joint"`` = SigLIP's
+    MAP head on each patch alone or CLIP's final LayerNorm + visual projection, docs/design.md
+    "Semantic labels"; ``"raw"`` = the encoder output), then :func:`sharded_top_labels` against
+    the word table. The train step's on-the-fly labels use the same tower, features and sign. The batch is split over ``batch_axes``
     (default: the ``batch`` rule, data x fsdp); ``b`` must be a multiple of that split.
 
     Args:
-      cfg: the ``siglip.SigLIPConfig`` of the checkpoint.
+      cfg: the tower's config (``SigLIPConfig`` or ``CLIPConfig``).
+      feature: ``labels.feature`` (``"joint"`` / ``"raw"``) to override ``cfg.patch_features``;
+        None = the config's.
       image_params: the image tower's parameters -- the ``img`` subtree, or the whole SigLIP tree
         (then ``img`` is taken) -- placed however the caller likes (e.g. by a loader's ``mesh``).
       word_table: [W, D] (or pre-placed by :func:`shard_word_table`, with ``num_words``).
@@ -611,11 +610,9 @@ def make_labeller(
         :func:`sharded_top_labels`); ``None`` uses the ``words`` rule.
       Other arguments as :func:`sharded_top_labels`.
     """
-    from sea_jax.models import siglip  # deferred: the top-n above needs no model code
+    from sea_jax.models.mllm import patch_feature_mode, tower_module  # deferred: the top-n needs no model
 
-    if feature not in FEATURES:
-        raise ValueError(f"feature must be one of {sorted(FEATURES)}, got {feature!r}")
-    mode = FEATURES[feature]
+    mode = cfg.patch_features if feature is None else patch_feature_mode(cfg, feature)
     if isinstance(image_params, Mapping) and "img" in image_params:
         image_params = image_params["img"]
     word_axes_t = _mesh_axes(word_axes, "words", mesh, rules)
@@ -625,7 +622,7 @@ def make_labeller(
         table = word_table
     else:
         table, num_words = shard_word_table(word_table, mesh, word_axes_t)
-    tower = siglip.ImageTower(cfg)
+    tower = tower_module(cfg).ImageTower(cfg)
     pixel_sharding = NamedSharding(mesh, P(batch_axes_t or None))
 
     @functools.partial(jax.jit, in_shardings=(None, None, pixel_sharding))

@@ -55,13 +55,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from sea_jax import sharding
-from sea_jax.convert import hf_llm, hf_siglip, llava_files, mapping
+from sea_jax.convert import hf_clip, hf_llm, hf_siglip, llava_files, mapping
 from sea_jax.convert.mapping import Identity, Linear, Param
+from sea_jax.models import clip
 from sea_jax.models.mllm import MLLMConfig
 from sea_jax.models.mllm import abstract_params as mllm_abstract_params
 
 
 IMAGE_TOKEN = llava_files.IMAGE_TOKEN
+# config.json key recording that Gemma's visual-token scale was folded into the adapter
+FOLDED_SCALE_KEY = "sea_jax_folded_visual_token_scale"
 
 # (vision tower, projector, decoder, lm_head) name prefixes of the two namings.
 NAMING_DISK = ("vision_tower.", "multi_modal_projector.", "language_model.model.", "language_model.lm_head.weight")
@@ -95,10 +98,13 @@ def llava_param_mapping(cfg: MLLMConfig, naming: str = "disk") -> list[Param]:
       naming: "disk" (what ``save_pretrained`` writes) or "memory" (module names in transformers 5).
     """
     vis, proj, lm, head = _NAMINGS[naming]
-    vision = [
-        Param(("vision",) + p.path, p.name, p.transform, p.stacked, p.part)
-        for p in hf_siglip.siglip_vision_params(cfg.vision, name_prefix=vis, path_prefix=("img",), include_head=True)
-    ]
+    if isinstance(cfg.vision, clip.CLIPConfig):
+        # HF Llava's CLIP tower is a CLIPVisionModel: no visual projection (our labels' projection
+        # is not exported; an imported CLIP Llava gets a zero one, see load_llava_params)
+        tower = hf_clip.clip_vision_params(cfg.vision, name_prefix=vis, path_prefix=("img",), projection=None)
+    else:
+        tower = hf_siglip.siglip_vision_params(cfg.vision, name_prefix=vis, path_prefix=("img",), include_head=True)
+    vision = [Param(("vision",) + p.path, p.name, p.transform, p.stacked, p.part) for p in tower]
     language = [
         Param(("llm",) + p.path, p.name, p.transform, p.stacked, p.part)
         for p in hf_llm.hf_param_mapping(cfg.llm, prefix=lm, lm_head=head)
@@ -107,6 +113,10 @@ def llava_param_mapping(cfg: MLLMConfig, naming: str = "disk") -> list[Param]:
 
 
 def _check_exportable(cfg: MLLMConfig) -> None:
+    if cfg.s2 is not None:
+        raise NotImplementedError(
+            "transformers has no Llava class that computes S2 multi-scale features: export the parts instead "
+            "(sea_jax.convert.hf_llava.export_parts: the LLM, the vision tower, the adapter and s2.json)")
     n_hidden = cfg.vision.depth + 1
     if not -n_hidden <= cfg.vision_feature_layer < n_hidden:
         raise ValueError(f"vision_feature_layer {cfg.vision_feature_layer} outside the tower's {n_hidden} hidden states")
@@ -121,9 +131,11 @@ def llava_config(cfg: MLLMConfig, tokenizer: Any | None = None, dtype: Any = np.
     """The ``config.json`` dict of the exported ``LlavaForConditionalGeneration``.
 
     Built through ``transformers.LlavaConfig`` (so it is in the installed version's format):
-    SigLIP ``vision_config``, the LLM ``text_config`` (with the tokenizer's pad id when the LLM
-    config has none), ``image_token_index`` = ``cfg.image_token_id``, ``vision_feature_layer``,
-    ``vision_feature_select_strategy="full"`` (SigLIP has no CLS token to drop),
+    SigLIP or CLIP ``vision_config``, the LLM ``text_config`` (with the tokenizer's pad id when the
+    LLM config has none), ``image_token_index`` = ``cfg.image_token_id``, ``vision_feature_layer``,
+    ``vision_feature_select_strategy`` "full" for SigLIP (no CLS token) or "default" for CLIP (CLS
+    dropped, LLaVA-1.5), ``sea_jax_folded_visual_token_scale`` when Gemma's input scale was folded
+    into the adapter (:func:`fold_visual_scale`),
     ``image_seq_length`` = patches per image, ``projector_hidden_act="gelu"`` (exact GELU, as our
     adapter), ``multimodal_projector_bias=True``.
     """
@@ -133,16 +145,19 @@ def llava_config(cfg: MLLMConfig, tokenizer: Any | None = None, dtype: Any = np.
     text = hf_llm.config_to_hf(cfg.llm, dtype)
     if text.get("pad_token_id") is None and tokenizer is not None and tokenizer.pad_token_id is not None:
         text["pad_token_id"] = tokenizer.pad_token_id
+    is_clip = isinstance(cfg.vision, clip.CLIPConfig)
+    extra = {FOLDED_SCALE_KEY: cfg.visual_token_scale} if cfg.visual_token_scale != 1.0 else {}
     c = transformers.LlavaConfig(
-        vision_config=hf_siglip.vision_config_to_hf(cfg.vision),
+        vision_config=(hf_clip.vision_config_to_hf if is_clip else hf_siglip.vision_config_to_hf)(cfg.vision),
         text_config=text,
         image_token_index=cfg.image_token_id,
         vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy="full",
+        vision_feature_select_strategy="default" if is_clip else "full",
         projector_hidden_act="gelu",
         multimodal_projector_bias=True,
         image_seq_length=cfg.num_image_tokens,
         tie_word_embeddings=cfg.llm.tie_embeddings,
+        **extra,
     )
     c.architectures = ["LlavaForConditionalGeneration"]
     c.dtype = np.dtype(dtype).name
@@ -157,8 +172,13 @@ def config_from_llava(hf: Mapping, source: str = "config.json", **llm_overrides)
         if not isinstance(hf.get(key), Mapping):
             raise ValueError(f"{source}: no {key}")
     strategy = hf.get("vision_feature_select_strategy", "default")
-    if strategy != "full":
-        raise NotImplementedError(f"{source}: vision_feature_select_strategy {strategy!r}; only 'full' (SigLIP, no CLS) is supported")
+    tower = hf["vision_config"].get("model_type") if isinstance(hf.get("vision_config"), Mapping) else None
+    want = {"siglip_vision_model": "full", "clip_vision_model": "default"}
+    if tower not in want:
+        raise NotImplementedError(f"{source}: vision tower {tower!r}; SigLIP and CLIP are supported")
+    if strategy != want[tower]:
+        raise NotImplementedError(f"{source}: vision_feature_select_strategy {strategy!r} with a {tower}; "
+                                  f"supported: {want[tower]!r} (every patch token, no CLS)")
     if hf.get("projector_hidden_act", "gelu") != "gelu":
         raise NotImplementedError(f"{source}: projector_hidden_act {hf['projector_hidden_act']!r}; the adapter uses exact GELU")
     if not hf.get("multimodal_projector_bias", True):
@@ -166,17 +186,32 @@ def config_from_llava(hf: Mapping, source: str = "config.json", **llm_overrides)
     layer = hf.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
         raise NotImplementedError(f"{source}: vision_feature_layer {layer!r}; only a single layer is supported")
-    if hf["vision_config"].get("model_type") != "siglip_vision_model":
-        raise NotImplementedError(f"{source}: vision tower {hf['vision_config'].get('model_type')!r}; only SigLIP is supported")
     image_token = hf.get("image_token_id", hf.get("image_token_index"))
     if image_token is None:
         raise ValueError(f"{source}: no image_token_index")
-    vision = hf_siglip.config_from_hf(hf["vision_config"])
+    vision = (hf_clip if tower == "clip_vision_model" else hf_siglip).config_from_hf(hf["vision_config"])
     text = dict(hf["text_config"])
     if "tie_word_embeddings" not in text and "tie_word_embeddings" in hf:
         text["tie_word_embeddings"] = hf["tie_word_embeddings"]
     llm_cfg = hf_llm.config_from_hf(text, **llm_overrides)
-    return MLLMConfig(llm=llm_cfg, vision=vision, image_token_id=int(image_token), vision_feature_layer=layer, adapter="mlp2x_gelu")
+    return MLLMConfig(llm=llm_cfg, vision=vision, image_token_id=int(image_token), vision_feature_layer=layer,
+                      adapter="mlp2x_gelu", scale_visual_tokens=FOLDED_SCALE_KEY in hf)
+
+
+def fold_visual_scale(cfg: MLLMConfig, params: Mapping, unfold: bool = False) -> Mapping:
+    """``params`` with the adapter's last Linear (weight and bias) multiplied by the visual-token
+    scale (``unfold``: divided by it), so a model trained with ``scale_visual_tokens`` (the paper:
+    Gemma's visual tokens scaled like its text rows) gives the same logits as an HF Llava that
+    writes the adapter's output unscaled (transformers 5). A no-op at scale 1."""
+    scale = cfg.visual_token_scale
+    if scale == 1.0:
+        return params
+    f = (1.0 / scale) if unfold else scale
+    last = "linear_2" if "linear_2" in params["adapter"] else "linear_1"
+    # numpy or (sharded) jax leaves alike; the factor in the leaf's dtype
+    layer = {k: v * np.asarray(f, np.asarray(v).dtype if isinstance(v, np.ndarray) else v.dtype)
+             for k, v in params["adapter"][last].items()}
+    return {**params, "adapter": {**params["adapter"], last: layer}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,7 +274,7 @@ def export_llava(
     np_dtype = _np_dtype(dtype)
     hf_config = llava_config(cfg, tokenizer, np_dtype)
     tok = llava_files.prepare_tokenizer(tokenizer, cfg, chat_template, eos_is_end_of_turn)
-    tensors = mapping.export(llava_param_mapping(cfg, "disk"), params, dtype=np_dtype)
+    tensors = mapping.export(llava_param_mapping(cfg, "disk"), fold_visual_scale(cfg, params), dtype=np_dtype)
     if jax.process_index() != 0:
         for _ in tensors:  # take part in every gather, write nothing
             pass
@@ -374,7 +409,14 @@ def load_llava_params(
     params = mapping.load(plist, reader, shardings=shardings, dtype=dtype, expected=expected)
     ignore = lambda n: n.endswith("rotary_emb.inv_freq") or (cfg.llm.tie_embeddings and n == head)  # noqa: E731
     mapping.warn_unused(plist, reader, folder, ignore)
-    return params
+    if isinstance(cfg.vision, clip.CLIPConfig) and "visual_projection" not in params["vision"]["img"]:
+        # A Llava's CLIPVisionModel has no visual projection: only semantic labels read it, and they
+        # need the CLIP checkpoint (its text tower too); zeros keep the tree the model's.
+        proj = expected["vision"]["img"]["visual_projection"]
+        where = shardings["vision"]["img"]["visual_projection"]
+        params["vision"]["img"]["visual_projection"] = jax.tree.map(
+            lambda x, sh: jax.device_put(np.zeros(x.shape, dtype), sh), proj, where)
+    return fold_visual_scale(cfg, params, unfold=True)
 
 
 def import_llava(
@@ -419,6 +461,8 @@ def import_llava(
 
 __all__ = [
     "IMAGE_TOKEN",
+    "FOLDED_SCALE_KEY",
+    "fold_visual_scale",
     "NAMING_DISK",
     "NAMING_MEMORY",
     "adapter_params",

@@ -102,23 +102,24 @@ def prepare_tokenizer(tokenizer: Any, cfg: MLLMConfig, chat_template: str | None
 
 
 def image_processor(cfg: MLLMConfig, pad_to_square: bool):
-    """``LlavaImageProcessorPil`` doing what :func:`sea_jax.data.images.preprocess_image` does."""
+    """``LlavaImageProcessorPil`` doing what :func:`sea_jax.data.images.preprocess_image` does with
+    the model's :attr:`~sea_jax.models.mllm.MLLMConfig.pixel_spec` (SigLIP: resize to the square;
+    CLIP: shorter side then centre crop, OpenAI's mean / std)."""
     from transformers.models.llava import LlavaImageProcessorPil
 
-    from sea_jax.data.images import SIGLIP_MEAN, SIGLIP_STD
-
-    s = cfg.vision.image_size
+    spec = cfg.pixel_spec
+    s = spec.size
     return LlavaImageProcessorPil(
         do_resize=True,
-        size={"height": s, "width": s},
+        size={"shortest_edge": s} if spec.center_crop else {"height": s, "width": s},
         resample=3,  # PIL bicubic
-        do_center_crop=False,
+        do_center_crop=bool(spec.center_crop),
         crop_size={"height": s, "width": s},  # read by the processor to count image tokens
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,
-        image_mean=list(SIGLIP_MEAN),
-        image_std=list(SIGLIP_STD),
+        image_mean=list(spec.mean),
+        image_std=list(spec.std),
         do_pad=bool(pad_to_square),  # LLaVA expand2square with int(mean * 255), before the resize
         do_convert_rgb=True,
     )

@@ -1,1 +1,2 @@
-"""Data: LLaVA-format records, templates, image preprocessing and the Grain pipeline."""
+"""Data: LLaVA-format records and templates, images and image paths, sources (JSON, ArrayRecord,
+TFDS), mixtures of sources, precomputed labels and the Grain pipeline."""

@@ -198,6 +198,13 @@ def parse_record(record: Any, index: int) -> Record:
 # Encoding
 
 
+def place_image_token(text: str) -> str:
+    """LLaVA-1.5's placement of the image in a human turn (``preprocess_multimodal``): the
+    ``<image>`` placeholder is taken out wherever it stood, the text stripped, and ``"<image>\n"``
+    put in front (``"What is this?\n<image>"`` -> ``"<image>\nWhat is this?"``)."""
+    return (IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()).strip()
+
+
 def _common_prefix(a: str, b: str) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -308,10 +315,11 @@ class Encoder:
 
     def _chat(self, record: Record) -> tuple[list[int], list[bool]]:
         messages = [dict(m) for m in record.messages]
-        if record.image is not None and not any(IMAGE_TOKEN in m["content"] for m in messages):
-            # LLaVA puts the image first in the first human turn when a record does not say where.
-            first = next(i for i, m in enumerate(messages) if m["role"] == "user")
-            messages[first]["content"] = IMAGE_TOKEN + "\n" + messages[first]["content"]
+        if record.image is not None:
+            with_token = [i for i, m in enumerate(messages) if IMAGE_TOKEN in m["content"]]
+            # No placeholder: the image goes first in the first human turn.
+            where = with_token[0] if with_token else next(i for i, m in enumerate(messages) if m["role"] == "user")
+            messages[where]["content"] = place_image_token(messages[where]["content"])
         full, spans = self.assistant_spans(messages)
         enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])

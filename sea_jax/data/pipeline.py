@@ -1,4 +1,4 @@
-"""The training input pipeline (Grain): records -> fixed-shape, per-process batches.
+"""The training input pipeline (Grain): sources -> mixture -> fixed-shape, per-process batches.
 
 Entry points::
 
@@ -8,6 +8,7 @@ Entry points::
     state = iterator.get_state()      # JSON-serialisable dict; Orbax: grain.checkpoint.CheckpointSave(iterator)
     iterator.set_state(state)         # the following batches are exactly those of an uninterrupted run
     steps_per_epoch = num_examples(config) // config.train.batch_size
+    problems = check_paths(config)    # every data path that is unset or missing, before a run starts
 
 Batch (``b`` = per-process batch = ``config.train.batch_size // process_count``, ``L`` =
 ``config.data.max_length``, ``H = W`` = ``image_size``, ``p, n`` = the labels' patches and top-n):
@@ -25,7 +26,16 @@ Batch (``b`` = per-process batch = ``config.train.batch_size // process_count``,
 
 How the data is laid out, and why:
 
-* Order. Records are shuffled with ``config.seed`` (a fresh permutation each epoch: Grain's
+* Sources (:mod:`sea_jax.data.mixture` says what a config may name, :mod:`sea_jax.data.sources`
+  how each is read): LLaVA JSON/JSONL, ArrayRecord folders written by ``python -m sea_jax.records``
+  (records by index, images optionally inside), TFDS datasets (image + caption, or LLaVA-style
+  ``conversations`` with or without an image). Each source has its own image root, template and
+  pad-to-square; the tokenizer (and its chat template) is the run's.
+* Mixture (:mod:`sea_jax.data.mixing`): one random-access stream over all sources, either the
+  selections concatenated and shuffled together (no weights; one source = the single-source
+  pipeline exactly), or weighted draws with a ``restart`` / ``stop`` rule per source. Each element
+  knows its source, and the served and skipped rows are counted per source.
+* Order. The stream is shuffled with ``config.seed`` (a fresh permutation each epoch: Grain's
   ``shuffle`` before ``repeat``), then dealt round-robin into ``S = config.data.num_shards`` shards
   (0 = one per process). Process ``i`` of ``P`` owns shards ``[i*S/P, (i+1)*S/P)``; each shard is
   processed, filtered and batched on its own (``B/S`` rows per global batch) and a process's batch
@@ -35,247 +45,158 @@ How the data is laid out, and why:
   the global batches of a 2-process run. Without bad samples, global batch k is records
   ``[k*B, (k+1)*B)`` of the shuffled stream whatever ``S`` is (their order inside the batch
   follows the shards).
-* Skips. A bad sample (:data:`sea_jax.data.llava.SKIP_REASONS`) is removed before batching, so
-  batches stay full; the batcher pulls further records instead. Skips travel with the batch
-  through the worker processes and are counted and logged (logger ``sea_jax.data``, with the
-  sample id) when the trainer takes that batch, so counts are exact, deterministic, and part of the
+* Skips. A bad sample (:data:`SKIP_REASONS`) is removed before batching, so batches stay full; the
+  batcher pulls further records instead. Skips travel with the batch through the worker
+  processes and are counted and logged (logger ``sea_jax.data``, with the sample id and source)
+  when the trainer takes that batch, so counts are exact, deterministic, and part of the
   checkpointed iterator state. Within an epoch a bad record is counted once; it is counted again
   each time a later epoch reaches it.
+* Images. A record's image path is resolved under its source's image root and refused, never
+  opened, when it leaves the root (``..``, an absolute path or URL, a symlink out of a local
+  root): skip reason ``image_outside_root``. Local files are decoded from the path; ``gs://``
+  ones are fetched with ``storage.read_bytes`` by the decoding threads (a missing object is
+  ``missing_image``; any other storage error stops the run rather than being counted as a bad
+  record, since a network failure is not a property of the record).
 * Workers. Per shard: ``config.data.num_workers`` processes (Grain ``mp_prefetch``, 0 = in the
   main process), each decoding with ``config.data.num_threads`` threads; processed single samples
   come back in the shuffled order whatever the worker count (the batching happens after the
   workers), and ``config.data.prefetch`` batches are prepared ahead in a thread.
 * Precomputed labels (``sea.label_source == "batch"``): the shards written by
   ``python -m sea_jax.labels`` are memory-mapped and joined by image path (labels depend on the
-  image only), then by sample id. A row without labels (text-only, or an image the labeller could
-  not read) gets ids -1 and is counted as ``no_labels``.
+  image only), then by sample id (:mod:`sea_jax.data.label_store`). A row without labels
+  (text-only, or an image the labeller could not read) gets ids -1 and is counted as ``no_labels``.
+* State. ``get_state()`` holds the Grain positions, the statistics and a description of the
+  mixture (per source: kind, records, selection, weight, exhaustion rule); restoring a state
+  taken with another mixture is refused (:class:`ConfigError`), since the same positions would
+  then name other records.
 
 A malformed JSON file raises :class:`DataFormatError` naming the file, line and column.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import io
 import logging
 import os
-import struct
 import threading
-import zipfile
 from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
+from sea_jax import storage
 from sea_jax.data import images as image_lib
-from sea_jax.data.llava import SKIP_REASONS, Encoder, SkipSample, parse_record, record_id
-from sea_jax.errors import DataFormatError, PathError
+from sea_jax.data import mixing
+from sea_jax.data import mixture as mixture_lib
+from sea_jax.data import records as records_lib
+from sea_jax.data.label_store import LabelStore
+from sea_jax.data.llava import IMAGE_TOKEN, Encoder, SkipSample, parse_record, record_id
+from sea_jax.data.llava import SKIP_REASONS as RECORD_SKIP_REASONS
+from sea_jax.data.sources import ArrayRecordSource, JsonSource, TfdsSource, load_records
+from sea_jax.errors import ConfigError, DataFormatError, PathError
 
 log = logging.getLogger("sea_jax.data")
 
 HOST_KEYS = ("sample_id",)
+# Why a sample can be skipped: the record's reasons (sea_jax.data.llava), then the pipeline's own.
+SKIP_REASONS: tuple[str, ...] = tuple(dict.fromkeys(RECORD_SKIP_REASONS + (
+    "image_outside_root",  # the image path leaves its image root (.., absolute, URL, symlink): never opened
+)))
 
-
-# ----------------------------------------------------------------------------------------------
-# Sources
-
-
-def load_records(path: str) -> list:
-    """Reads a LLaVA JSON list (``.json``) or one record per line (``.jsonl``).
-
-    Raises:
-      DataFormatError: naming ``path`` and the line/column of a JSON syntax error, or when a
-        ``.json`` file is not a list.
-      FileNotFoundError: ``path`` does not exist.
-    """
-    if not os.path.exists(path):
-        raise PathError(f"data file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if path.endswith(".jsonl"):
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}: line {lineno}, column {e.colno}: {e.msg}") from e
-        return records
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataFormatError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno} "
-                              f"(char {e.pos}): {e.msg}") from e
-    if not isinstance(records, list):
-        raise DataFormatError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    return records
-
-
-class JsonSource:
-    """Random access to the records of a LLaVA JSON; element ``i`` is ``(i, record)``.
-
-    Pickles as its path only (Grain sends the pipeline to worker processes; 665k records are read
-    again there rather than pickled).
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        self._records = load_records(path)
-        self._len = len(self._records)
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, index: int):
-        if self._records is None:
-            self._records = load_records(self.path)
-            if len(self._records) != self._len:
-                raise RuntimeError(f"{self.path} changed while training ({len(self._records)} != {self._len} records)")
-        return int(index), self._records[index]
-
-    def __getstate__(self):
-        return {"path": self.path, "_len": self._len, "_records": None}
-
-
-class TfdsSource:
-    """Random access to a TFDS dataset through ``tfds.data_source`` (array_record, no tf.data).
-
-    Element ``i`` is ``(i, example)``; the example needs the image feature (uint8 [h, w, c] or
-    encoded bytes) and the caption feature (str/bytes, or a list of them: the first is used).
-    """
-
-    def __init__(self, name: str, split: str, data_dir: str = "", source=None):
-        self.name, self.split, self.data_dir = name, split, data_dir
-        self._source = source if source is not None else self._open()
-        self._len = len(self._source)
-        self._picklable_source = source  # an explicit (test / custom) source travels as is
-
-    def _open(self):
-        import tensorflow_datasets as tfds
-
-        return tfds.data_source(self.name, split=self.split, data_dir=self.data_dir or None)
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, index: int):
-        if self._source is None:
-            self._source = self._open()
-        return int(index), self._source[int(index)]
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_source"] = self._picklable_source
-        return state
-
-
-# ----------------------------------------------------------------------------------------------
-# Precomputed labels
-
-
-def _mmap_npz_member(path: str, name: str) -> np.ndarray:
-    """Array ``name`` of an ``.npz`` written by ``np.savez`` (stored, not deflated), memory-mapped
-    so a random sample costs one row read, not the whole shard."""
-    with zipfile.ZipFile(path) as z:
-        info = z.getinfo(name + ".npy")
-    if info.compress_type != zipfile.ZIP_STORED:
-        with np.load(path, allow_pickle=False) as z:
-            return z[name]
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        header = f.read(30)  # the zip local file header: name and extra-field lengths at 26..30
-        name_len, extra_len = struct.unpack("<HH", header[26:30])
-        f.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(f)
-        offset = f.tell()
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
-
-
-class LabelStore:
-    """Labels written by ``python -m sea_jax.labels`` (``index.json`` + shards), joined by image
-    path, then sample id. Picklable (maps are reopened lazily in each worker)."""
-
-    def __init__(self, label_dir: str):
-        index_path = os.path.join(label_dir, "index.json")
-        if not os.path.exists(index_path):
-            raise FileNotFoundError(f"{index_path} is missing: run `python -m sea_jax.labels` to completion first")
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-        self.label_dir = label_dir
-        self.shards: list[str] = index["shards"]
-        self.by_image: dict[str, list[int]] = index["images"]
-        self.by_sample: dict[str, list[int]] = index.get("samples", {})
-        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        ids, _ = self._shard(0)
-        self.num_patches, self.top_n = int(ids.shape[1]), int(ids.shape[2])
-
-    def _shard(self, s: int):
-        if s not in self._maps:
-            path = os.path.join(self.label_dir, self.shards[s])
-            self._maps[s] = (_mmap_npz_member(path, "ids"), _mmap_npz_member(path, "scores"))
-        return self._maps[s]
-
-    def lookup(self, sample_id: str, image: str | None) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(ids int32 [p, n], scores float32 [p, n])`` with ids -1 / scores 0 where dropped, or
-        None when this sample's image was not labelled."""
-        loc = self.by_image.get(image) if image is not None else None
-        if loc is None:
-            loc = self.by_sample.get(sample_id) if image is not None else None
-        if loc is None:
-            return None
-        ids, scores = self._shard(int(loc[0]))
-        row_ids = np.asarray(ids[int(loc[1])], np.int32)
-        row_scores = np.asarray(scores[int(loc[1])], np.float32)
-        return row_ids, np.where(row_ids >= 0, row_scores, np.float32(0.0))
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_maps"] = {}
-        return state
+# The Rust tokenizer is not re-entrant ("Already borrowed"), and every source's encoder shares the
+# run's tokenizer: one encoding at a time per process; the image decoding, the expensive part,
+# stays parallel.
+_TOKENIZER_LOCK = threading.Lock()
 
 
 # ----------------------------------------------------------------------------------------------
 # Per-sample processing (runs in Grain worker threads / processes)
 
 
+def _text(value) -> str | None:
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, (str, np.str_)):
+        return str(value)
+    return None
+
+
+def _tfds_turns(conv) -> list[dict[str, str]]:
+    """TFDS ``conversations`` -> LLaVA turns. Accepts a ``Sequence({"from", "value"})`` feature
+    (decoded as a dict of lists), a list of ``{"from", "value"}`` dicts, or a JSON string of one."""
+    import json
+
+    text = _text(conv)
+    if text is not None:
+        try:
+            conv = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SkipSample("bad_record", f"'conversations' is not JSON: {e}") from e
+    if isinstance(conv, dict):
+        froms, values = conv.get("from"), conv.get("value")
+        if froms is None or values is None or len(froms) != len(values):
+            raise SkipSample("bad_record", "'conversations' needs equally long 'from' and 'value'")
+        conv = [{"from": f, "value": v} for f, v in zip(froms, values)]
+    if not isinstance(conv, (list, tuple)):
+        raise SkipSample("bad_record", f"'conversations' is a {type(conv).__name__}")
+    turns = []
+    for t in conv:
+        if not isinstance(t, dict):
+            raise SkipSample("bad_record", "a turn of 'conversations' is not a mapping")
+        turns.append({"from": _text(t.get("from")), "value": _text(t.get("value"))})
+    return turns
+
+
+def _has_pixels(image) -> bool:
+    if image is None:
+        return False
+    if isinstance(image, (bytes, np.bytes_)):
+        return len(image) > 0
+    return np.asarray(image).size > 0
+
+
 class SampleProcessor:
-    """``(index, raw) -> element``: a processed sample dict, or ``{"skip": reason, ...}``.
+    """``(index, raw) -> element`` for one source: a processed sample dict, or
+    ``{"skip": reason, ...}``; both carry ``"source"`` (the source's index in the mixture).
+
+    ``kind``: ``llava_json`` (raw = a JSON record), ``array_record`` (raw = an entry of
+    :mod:`sea_jax.data.records`: the record and maybe its image bytes) or ``tfds`` (raw = an example:
+    ``conversations`` (+ optional image) is a LLaVA record, else image + caption).
 
     Text checks come first (cheap), then the image; the decision depends on the record and the
     files only, so it is the same in every run.
     """
 
     def __init__(self, encoder: Encoder, *, kind: str, image_root: str, image_size: int, pad_to_square: bool,
-                 labels: LabelStore | None, tfds_image_key: str = "image", tfds_caption_key: str = "caption",
-                 tfds_prefix: str = ""):
+                 labels: LabelStore | None, source: int = 0, tfds_image_key: str = "image",
+                 tfds_caption_key: str = "caption", tfds_conversations_key: str = "conversations",
+                 tfds_prefix: str = "", pixels: image_lib.PixelSpec | None = None):
         self.encoder = encoder
         self.kind = kind
         self.image_root = image_root
         self.image_size = int(image_size)
+        # the tower's normalisation and resize rule (SigLIP's by default)
+        self.pixels = pixels if pixels is not None else image_lib.PixelSpec(self.image_size)
+        if self.pixels.size != self.image_size:
+            raise ValueError(f"pixels.size {self.pixels.size} != image_size {self.image_size}")
         self.pad_to_square = bool(pad_to_square)
         self.labels = labels
-        self.tfds_image_key, self.tfds_caption_key, self.tfds_prefix = tfds_image_key, tfds_caption_key, tfds_prefix
-        self._lock = threading.Lock()
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self.source = int(source)
+        self.tfds_image_key, self.tfds_caption_key = tfds_image_key, tfds_caption_key
+        self.tfds_conversations_key, self.tfds_prefix = tfds_conversations_key, tfds_prefix
 
     def __call__(self, item) -> dict[str, Any]:
         index, raw = item
-        sid = record_id(raw, index) if self.kind == "llava_json" else self._tfds_id(index, raw)
+        ctx = {"sid": record_id(raw, index) if self.kind == "llava_json" else f"#{index}"}
         try:
-            return self._process(index, raw)
+            out = self._process(index, raw, ctx)
         except SkipSample as e:
-            return {"skip": e.reason, "sample_id": sid, "detail": e.detail}
+            out = {"skip": e.reason, "sample_id": ctx["sid"], "detail": e.detail}
+        except image_lib.ImagePathError as e:
+            out = {"skip": "image_outside_root", "sample_id": ctx["sid"], "detail": str(e)}
+        out["source"] = self.source
+        return out
 
     def _tfds_id(self, index, raw) -> str:
         tid = raw.get("tfds_id") if isinstance(raw, dict) else None
@@ -284,29 +205,65 @@ class SampleProcessor:
         return str(tid) if tid else f"{self.tfds_prefix}{index}"
 
     def _encode(self, fn, *args):
-        # The Rust tokenizer is not re-entrant ("Already borrowed"): one thread at a time; the
-        # image decoding, the expensive part, stays parallel.
-        with self._lock:
+        with _TOKENIZER_LOCK:
             return fn(*args)
 
-    def _process(self, index: int, raw) -> dict[str, Any]:
+    def _process(self, index: int, raw, ctx: dict[str, str]) -> dict[str, Any]:
         if self.kind == "llava_json":
-            record = parse_record(raw, index)
-            enc = self._encode(self.encoder.encode, record)
-            pixels = self._load_file(record.image) if record.image is not None else None
-            sid, image_key = record.sample_id, record.image
-        else:
-            sid = self._tfds_id(index, raw)
-            caption = raw.get(self.tfds_caption_key) if isinstance(raw, dict) else None
-            if isinstance(caption, (list, tuple, np.ndarray)) and not isinstance(caption, (str, bytes)):
-                caption = caption[0] if len(caption) else ""
-            if isinstance(caption, (bytes, np.bytes_)):
-                caption = bytes(caption).decode("utf-8", "replace")
-            if not isinstance(caption, str) or self.tfds_image_key not in raw:
-                raise SkipSample("bad_record", f"needs '{self.tfds_image_key}' and a string '{self.tfds_caption_key}'")
+            return self._record(index, raw, image_bytes=None)
+        if self.kind == "array_record":
+            try:
+                record, image_bytes = records_lib.decode(raw)
+            except records_lib.RecordFormatError as e:
+                raise SkipSample("bad_record", f"ArrayRecord entry {index}: {e}") from e
+            ctx["sid"] = record_id(record, index)
+            return self._record(index, record, image_bytes=image_bytes)
+        ctx["sid"] = sid = self._tfds_id(index, raw)
+        if not isinstance(raw, dict):
+            raise SkipSample("bad_record", f"example is a {type(raw).__name__}, not a mapping")
+        if self.tfds_conversations_key in raw:
+            # A LLaVA record in TFDS features: its own "id" if it has one; the image is inline.
+            own = _text(raw.get("id"))
+            ctx["sid"] = sid = own if own else sid
+            image = raw.get(self.tfds_image_key)
+            has = _has_pixels(image) and bool(np.asarray(raw.get("has_image", True)))
+            record = {"id": sid, "conversations": _tfds_turns(raw[self.tfds_conversations_key])}
+            if has:
+                record["image"] = f"{self.tfds_prefix}{index}"  # a name for logs, not a path
+            return self._record(index, record, image_bytes=None, inline=image if has else None)
+        caption = raw.get(self.tfds_caption_key)
+        if isinstance(caption, (list, tuple, np.ndarray)) and not isinstance(caption, (str, bytes)):
+            caption = caption[0] if len(caption) else ""
+        if isinstance(caption, (bytes, np.bytes_)):
+            caption = bytes(caption).decode("utf-8", "replace")
+        if not isinstance(caption, str) or self.tfds_image_key not in raw:
+            raise SkipSample("bad_record", f"needs '{self.tfds_image_key}' and a string '{self.tfds_caption_key}'")
+        if self.encoder.template == "plain":
             enc = self._encode(self.encoder.encode_caption, sid, caption)
-            pixels = self._tfds_pixels(raw[self.tfds_image_key])
-            image_key = None
+        else:  # the chat template: a one-turn conversation, the image asking, the caption answering
+            rec = parse_record({"id": sid, "image": sid, "conversations": [
+                {"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": caption}]}, index)
+            enc = self._encode(self.encoder.encode, rec)
+        pixels = self._tfds_pixels(raw[self.tfds_image_key])
+        return self._row(sid, enc, pixels, None)
+
+    def _record(self, index: int, raw, *, image_bytes: bytes | None, inline=None) -> dict[str, Any]:
+        record = parse_record(raw, index)
+        enc = self._encode(self.encoder.encode, record)
+        if record.image is None:
+            pixels = None
+        elif inline is not None:
+            pixels = self._tfds_pixels(inline)
+        elif image_bytes is not None:
+            # Embedded at conversion, which never reads a path that leaves the root; a file from
+            # elsewhere is held to the same rule.
+            image_lib.check_relative(record.image)
+            pixels = self._decode(image_bytes, record.image)
+        else:
+            pixels = self._load_file(record.image)
+        return self._row(record.sample_id, enc, pixels, None if inline is not None else record.image)
+
+    def _row(self, sid: str, enc, pixels, image_key: str | None) -> dict[str, Any]:
         out = {
             "sample_id": sid,
             "input_ids": enc.input_ids,
@@ -315,22 +272,33 @@ class SampleProcessor:
             "image": pixels,
         }
         if self.labels is not None:
-            found = self.labels.lookup(sid, image_key) if (pixels is not None and image_key is not None) else None
-            out["labels"] = found
+            out["labels"] = self.labels.lookup(sid, image_key) if (pixels is not None and image_key is not None) \
+                else None
         return out
 
     def _load_file(self, rel: str) -> np.ndarray:
-        path = os.path.join(self.image_root, rel)
+        path = image_lib.resolve_under_root(self.image_root, rel)  # ImagePathError: refused, not opened
+        if storage.is_remote(path):
+            try:
+                data = storage.read_bytes(path)
+            except FileNotFoundError as e:
+                raise SkipSample("missing_image", f"{path} does not exist") from e
+            return self._decode(data, path)
         if not os.path.exists(path):
             raise SkipSample("missing_image", f"{path} does not exist")
         try:
-            return image_lib.load_and_preprocess(path, self.image_size, pad_to_square=self.pad_to_square)
+            return image_lib.load_for(self.pixels, path, self.pad_to_square)
         except image_lib.ImageLoadError as e:
             raise SkipSample("corrupt_image", str(e)) from e
 
-    def _tfds_pixels(self, image) -> np.ndarray:
-        import io
+    def _decode(self, data: bytes, name: str) -> np.ndarray:
+        try:
+            pil = image_lib.decode_image(data, name)
+        except image_lib.ImageLoadError as e:
+            raise SkipSample("corrupt_image", str(e)) from e
+        return image_lib.preprocess_for(self.pixels, pil, self.pad_to_square)
 
+    def _tfds_pixels(self, image) -> np.ndarray:
         from PIL import Image
 
         try:
@@ -338,16 +306,27 @@ class SampleProcessor:
                 with Image.open(io.BytesIO(bytes(image))) as img:
                     img.load()
                     pil = image_lib.to_rgb(img).copy()
-                return image_lib.preprocess_image(pil, self.image_size, pad_to_square=self.pad_to_square)
+                return image_lib.preprocess_for(self.pixels, pil, self.pad_to_square)
             arr = np.asarray(image)
             if arr.ndim == 2:
                 arr = arr[..., None]
             if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or arr.dtype != np.uint8:
                 raise SkipSample("corrupt_image", f"image array {arr.dtype} {arr.shape}")
             pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-            return image_lib.preprocess_image(pil, self.image_size, pad_to_square=self.pad_to_square)
+            return image_lib.preprocess_for(self.pixels, pil, self.pad_to_square)
         except (OSError, ValueError) as e:
             raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from e
+
+
+class MixtureProcessor:
+    """``(k, item) -> processors[k](item)``: each source's element through its own processor."""
+
+    def __init__(self, processors: Sequence[SampleProcessor]):
+        self.processors = list(processors)
+
+    def __call__(self, element) -> dict[str, Any]:
+        k, item = element
+        return self.processors[k](item)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,6 +343,8 @@ class DataStats:
       skipped: reason -> samples skipped (every reason of ``SKIP_REASONS``, zeros included).
       truncated: served rows cut at max_length (after the image tokens).
       no_labels: served image rows without precomputed labels.
+      sources: source name -> ``{"samples": rows served, "skipped": samples skipped}``, in mixture
+        order (empty = not counted per source).
     """
 
     batches: int = 0
@@ -371,6 +352,7 @@ class DataStats:
     skipped: dict[str, int] = dataclasses.field(default_factory=lambda: {r: 0 for r in SKIP_REASONS})
     truncated: int = 0
     no_labels: int = 0
+    sources: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def skipped_total(self) -> int:
@@ -378,23 +360,43 @@ class DataStats:
 
     def as_dict(self) -> dict[str, Any]:
         """Flat, JSON-serialisable: ``{"batches", "samples", "truncated", "no_labels",
-        "skipped_total", "skipped/<reason>"...}`` (what the trainer logs)."""
+        "skipped_total", "skipped/<reason>"...}`` (what the trainer logs), and with more than one
+        source ``"source/<name>/samples"`` and ``"source/<name>/skipped"`` per source."""
         out = {"batches": self.batches, "samples": self.samples, "truncated": self.truncated,
                "no_labels": self.no_labels, "skipped_total": self.skipped_total}
         out.update({f"skipped/{r}": n for r, n in self.skipped.items()})
+        if len(self.sources) > 1:
+            for name, c in self.sources.items():
+                out[f"source/{name}/samples"] = c["samples"]
+                out[f"source/{name}/skipped"] = c["skipped"]
         return out
 
     def load(self, d: dict[str, Any]) -> None:
         self.batches, self.samples = int(d["batches"]), int(d["samples"])
         self.truncated, self.no_labels = int(d["truncated"]), int(d["no_labels"])
         self.skipped = {r: int(d.get(f"skipped/{r}", 0)) for r in SKIP_REASONS}
+        self.sources = {name: {key: int(d.get(f"source/{name}/{key}", 0)) for key in ("samples", "skipped")}
+                        for name in self.sources}
 
 
-def _batch_dataset(shards: Sequence, rows_per_shard: int, collate):
+def _no_good_samples(skipped) -> None:
+    from collections import Counter
+
+    reasons = Counter(r for r, *_ in skipped)
+    reason, sid, detail, _ = skipped[-1]
+    raise DataFormatError(
+        f"the data gave {len(skipped)} bad samples in a row without filling one batch ({dict(reasons)}); "
+        f"e.g. sample {sid}: {reason}: {detail}. Fix the data or the settings that reject it "
+        "(data.max_length, data.template, data.image_root)")
+
+
+def _batch_dataset(shards: Sequence, rows_per_shard: int, collate, max_skips: int = 20_000):
 
     class BatchIterDataset(grain.IterDataset):
         """Takes ``rows_per_shard`` good samples from each shard stream (skipping the bad ones,
-        which it collects), collates them into one batch."""
+        which it collects), collates them into one batch. More than ``max_skips`` bad samples
+        for one batch means the data (or the settings) reject everything: a DataFormatError
+        saying why, not an endless search."""
 
         def __init__(self):
             super().__init__(list(shards))
@@ -423,7 +425,9 @@ def _batch_dataset(shards: Sequence, rows_per_shard: int, collate):
                             return {"skipped": skipped, "end": True}
                         raise
                     if "skip" in el:
-                        skipped.append((el["skip"], el["sample_id"], el["detail"]))
+                        skipped.append((el["skip"], el["sample_id"], el["detail"], el["source"]))
+                        if len(skipped) > max_skips:
+                            _no_good_samples(skipped)
                     else:
                         rows.append(el)
                         got += 1
@@ -442,7 +446,8 @@ def _batch_dataset(shards: Sequence, rows_per_shard: int, collate):
 
 
 class Collate:
-    """Rows -> fixed-shape batch (see the module docstring for keys, shapes and dtypes)."""
+    """Rows -> fixed-shape batch (see the module docstring for keys, shapes and dtypes), plus the
+    host-side counters the iterator pops (``truncated``, ``source``, ``no_labels``)."""
 
     def __init__(self, max_length: int, image_size: int, pad_id: int, label_shape: tuple[int, int] | None):
         self.max_length, self.image_size, self.pad_id, self.label_shape = max_length, image_size, pad_id, label_shape
@@ -457,6 +462,7 @@ class Collate:
             "has_image": np.zeros((b,), bool),
             "sample_id": np.asarray([r["sample_id"] for r in rows], dtype=np.str_),
             "truncated": np.asarray([r["truncated"] for r in rows], bool),
+            "source": np.asarray([r["source"] for r in rows], np.int32),
         }
         if self.label_shape is not None:
             out["label_ids"] = np.full((b, *self.label_shape), -1, np.int32)
@@ -478,17 +484,35 @@ class Collate:
         return out
 
 
+def _mixture_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between two mixture descriptions, ignoring source names (a renamed file)."""
+    changes = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in ("mode", "period")
+               if saved.get(k) != current.get(k)]
+    a, b = saved.get("sources", []), current.get("sources", [])
+    if len(a) != len(b):
+        changes.append(f"{len(a)} sources -> {len(b)}")
+    for i, (x, y) in enumerate(zip(a, b)):
+        for k in sorted((set(x) | set(y)) - {"name"}):
+            if x.get(k) != y.get(k):
+                changes.append(f"source {i} ({y.get('name')}) {k}: {x.get(k)!r} -> {y.get(k)!r}")
+    return changes
+
+
 class DataIterator(grain.DatasetIterator):
     """The trainer's iterator: batches as in the module docstring, plus exact skip accounting.
 
     A ``grain.DatasetIterator`` (so ``grain.checkpoint.CheckpointSave(iterator)`` works in Orbax);
-    ``get_state()`` is a JSON-serialisable dict ``{"pipeline": <Grain state>, "stats": <stats>}``.
-    ``stats`` (a :class:`DataStats`) is updated when a batch is taken.
+    ``get_state()`` is a JSON-serialisable dict ``{"pipeline": <Grain state>, "stats": <stats>,
+    "mixture": <its description>}``. ``stats`` (a :class:`DataStats`) is updated when a batch is
+    taken. ``names`` are the sources' names in mixture order.
     """
 
-    def __init__(self, inner, stats: DataStats):
+    def __init__(self, inner, stats: DataStats, names: Sequence[str] = ("data",),
+                 mixture: dict[str, Any] | None = None):
         super().__init__(inner)
         self.stats = stats
+        self.names = list(names)
+        self.mixture = mixture
 
     def __next__(self) -> dict[str, Any]:
         batch = next(self._parent)
@@ -498,19 +522,36 @@ class DataIterator(grain.DatasetIterator):
         self.stats.batches += 1
         self.stats.samples += len(batch["sample_id"])
         self.stats.truncated += int(batch.pop("truncated").sum())
+        per_source = np.bincount(batch.pop("source"), minlength=len(self.names))
+        if self.stats.sources:
+            for name, n in zip(self.names, per_source):
+                self.stats.sources[name]["samples"] += int(n)
         if "no_labels" in batch:
             self.stats.no_labels += int(batch.pop("no_labels").sum())
         return batch
 
     def _account(self, skipped) -> None:
-        for reason, sid, detail in skipped:
+        for reason, sid, detail, source in skipped:
             self.stats.skipped[reason] += 1
-            log.warning("skipped sample %s (%s): %s", sid, reason, detail)
+            name = self.names[source]
+            if self.stats.sources:
+                self.stats.sources[name]["skipped"] += 1
+            log.warning("skipped sample %s (%s, source %s): %s", sid, reason, name, detail)
 
     def get_state(self) -> dict[str, Any]:
-        return {"pipeline": self._parent.get_state(), "stats": self.stats.as_dict()}
+        state = {"pipeline": self._parent.get_state(), "stats": self.stats.as_dict()}
+        if self.mixture is not None:
+            state["mixture"] = self.mixture
+        return state
 
     def set_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("mixture")
+        if saved is not None and self.mixture is not None:
+            changes = _mixture_changes(saved, self.mixture)
+            if changes:
+                raise ConfigError("the data mixture differs from the one this checkpoint was taken with, so its "
+                                  "data position would name other records (start a new run for a new mixture): "
+                                  + "; ".join(changes))
         self._parent.set_state(state["pipeline"])
         self.stats.load(state["stats"])
 
@@ -528,25 +569,81 @@ def device_batch(batch: dict[str, Any]) -> dict[str, np.ndarray]:
 # Entry points
 
 
+def open_source(spec: mixture_lib.SourceSpec, *, cache_dir: str = "", source=None):
+    """The random-access source of one :class:`~sea_jax.data.mixture.SourceSpec`.
+
+    ``source``: an already-open random-access source (tests, custom data) for a ``tfds`` spec."""
+    if spec.kind == "llava_json":
+        return JsonSource(spec.path, keep=False)
+    if spec.kind == "array_record":
+        return ArrayRecordSource(spec.path, cache_dir)
+    if not spec.tfds_name and source is None:
+        raise ConfigError(f"{spec.where}: tfds_name is empty")
+    return TfdsSource(spec.tfds_name, spec.tfds_split, spec.tfds_data_dir, source=source, cache_dir=cache_dir)
+
+
 def make_source(config, *, source=None):
-    """The random-access source of ``config.data`` (``llava_json`` or ``tfds``).
+    """The random-access source of a single-source config (``data.kind`` and its fields).
 
     ``source``: for ``kind="tfds"``, an already-open random-access source (tests, custom data)."""
-    dc = config.data
-    if dc.kind == "llava_json":
-        if not dc.json:
-            raise ValueError("config.data.json is empty")
-        return JsonSource(dc.json)
-    if dc.kind == "tfds":
-        if not dc.tfds_name and source is None:
-            raise ValueError("config.data.tfds_name is empty")
-        return TfdsSource(dc.tfds_name, dc.tfds_split, dc.tfds_data_dir, source=source)
-    raise ValueError(f"config.data.kind must be 'llava_json' or 'tfds', got {dc.kind!r}")
+    return open_source(mixture_lib.single_source(config), cache_dir=config.data.get("cache_dir", ""), source=source)
+
+
+@dataclasses.dataclass
+class _Plan:
+    mix: mixture_lib.Mixture
+    sources: list
+    stream: grain.MapDataset
+    period: int
+    description: dict[str, Any]
+
+
+def _plan(config, *, source=None, num_epochs: int | None = None) -> _Plan:
+    """The mixture of ``config``: its sources opened, selected and drawn into one stream."""
+    mix = mixture_lib.from_config(config)
+    if source is not None and not (mix.single and mix.sources[0].kind == "tfds"):
+        raise ConfigError("source= stands in for a single-source config with data.kind='tfds' only")
+    cache_dir = config.data.get("cache_dir", "")
+    seed = int(config.seed)
+    opened, datasets, described = [], [], []
+    for k, spec in enumerate(mix.sources):
+        src = open_source(spec, cache_dir=cache_dir, source=source)
+        n = len(src)
+        if n == 0:
+            raise DataFormatError(f"{spec.where}: the source has no records")
+        chosen = mixing.selection(spec.sampling, n, mixing.key_of(seed, "select", k), spec.where)
+        ds = grain.MapDataset.source(src)
+        if chosen is not None:
+            ds = mixing.Selected(ds, chosen)
+        opened.append(src)
+        datasets.append(ds)
+        described.append({"name": spec.name, "kind": spec.kind, "records": n, "sampling": str(spec.sampling),
+                          "selected": len(ds), "weight": spec.weight,
+                          "on_exhausted": spec.on_exhausted if mix.weighted else None})
+    weights = [s.weight for s in mix.sources] if mix.weighted else None
+    stream, period = mixing.build(datasets, weights, [s.on_exhausted for s in mix.sources], seed, num_epochs)
+    if mix.weighted:
+        empty = [s.name for s, c in zip(mix.sources, stream.drawn_before(period)) if c == 0]
+        if empty:
+            log.warning("data mixture: sources %s get no draw in the first epoch (%d draws): weights too small?",
+                        empty, period)
+    description = {"mode": "weighted" if mix.weighted else "concatenated", "period": period, "sources": described}
+    return _Plan(mix, opened, stream, period, description)
 
 
 def num_examples(config, *, source=None) -> int:
-    """Records in the dataset, bad ones included (steps per epoch = this // global batch)."""
-    return len(make_source(config, source=source))
+    """Records in one epoch of the data, bad ones included (steps per epoch = this // global
+    batch): a single source's record count; a concatenated mixture's selected records; a weighted
+    mixture's draws per epoch (``sum`` of the selections, or fewer when a ``stop`` source runs
+    out first)."""
+    return _plan(config, source=source).period
+
+
+def check_paths(config) -> list[str]:
+    """Every data path the run needs that is unset, a placeholder or missing, local or ``gs://``,
+    one message per problem naming the config field or mixture entry (empty: all there). The
+    single-source fields get the trainer's messages (``config.data.json=... does not exist``)."""
+    return mixture_lib.path_problems(config)
 
 
 def _process_info(process_index, process_count) -> tuple[int, int]:
@@ -560,25 +657,36 @@ def _process_info(process_index, process_count) -> tuple[int, int]:
     return int(process_index), int(process_count)
 
 
+def _encoder(tokenizer, template: str, image_token_id: int, num_image_tokens: int, max_length: int, where: str):
+    try:
+        return Encoder(tokenizer, template, image_token_id, num_image_tokens, max_length)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
 def make_train_iterator(config, tokenizer, image_token_id: int, num_image_tokens: int, image_size: int, *,
                         process_index: int | None = None, process_count: int | None = None,
                         num_epochs: int | None = None, label_dir: str | None = None,
-                        source=None) -> tuple[DataIterator, DataStats]:
+                        source=None, pixels: image_lib.PixelSpec | None = None) -> tuple[DataIterator, DataStats]:
     """Builds this process's training iterator.
 
     Args:
       config: the run config; reads ``seed``, ``train.batch_size`` (global), ``data.*``
-        (kind, json, image_root, tfds_*, template, pad_to_square, max_length, num_shards,
-        num_workers, num_threads, prefetch) and ``sea.label_source`` / ``labels.output_dir``.
+        (the sources: kind, json, records, image_root, tfds_*, template, pad_to_square, or
+        mixture / sources / on_exhausted; max_length, num_shards, num_workers, num_threads,
+        prefetch, cache_dir) and ``sea.label_source`` / ``labels.output_dir``.
       tokenizer: the LLM tokenizer with ``<image>`` special (``sea_jax.data.llava.add_image_token``).
       image_token_id: its id; num_image_tokens: visual tokens per image (the patch count).
       image_size: pixels per side of ``images``.
       process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
-      num_epochs: None = repeat forever (the trainer decides the steps); k = stop after k passes
-        (the last partial batch is dropped; its skips are still counted).
+      num_epochs: None = repeat forever (the trainer decides the steps); k = stop after k epochs
+        of the mixture (the last partial batch is dropped; its skips are still counted).
       label_dir: precomputed labels; default ``config.labels.output_dir`` when
         ``config.sea.label_source == "batch"``, else no labels.
-      source: for ``data.kind == "tfds"``, an open random-access source instead of ``tfds_name``.
+      source: for a single-source ``data.kind == "tfds"``, an open random-access source instead
+        of ``tfds_name``.
+      pixels: the vision tower's normalisation and resize rule (``MLLMConfig.pixel_spec``);
+        default SigLIP's at ``image_size``.
 
     Returns:
       ``(iterator, stats)``; ``stats is iterator.stats``.
@@ -593,26 +701,32 @@ def make_train_iterator(config, tokenizer, image_token_id: int, num_image_tokens
         raise ValueError(f"train.batch_size={batch} must be a multiple of data.num_shards={num_shards}")
     rows = batch // num_shards
 
-    encoder = Encoder(tokenizer, dc.template, image_token_id, num_image_tokens, int(dc.max_length))
     if label_dir is None and config.sea.label_source == "batch":
         label_dir = config.labels.output_dir
         if not label_dir:
             raise ValueError("sea.label_source='batch' needs labels.output_dir (or label_dir=)")
-    labels = LabelStore(label_dir) if label_dir else None
+    labels = LabelStore(label_dir, dc.get("cache_dir", "")) if label_dir else None
     if labels is not None and labels.num_patches != num_image_tokens:
         raise ValueError(f"labels in {label_dir} have {labels.num_patches} patches per image, the model "
                          f"{num_image_tokens} image tokens (labelled at another resolution?)")
-    src = make_source(config, source=source)
-    processor = SampleProcessor(
-        encoder, kind=dc.kind, image_root=dc.image_root, image_size=image_size,
-        pad_to_square=dc.pad_to_square, labels=labels, tfds_image_key=dc.tfds_image_key,
-        tfds_caption_key=dc.tfds_caption_key, tfds_prefix=f"{dc.tfds_name}/{dc.tfds_split}/")
+    plan = _plan(config, source=source, num_epochs=num_epochs)
+    encoders: dict[str, Encoder] = {}
+    processors = []
+    for k, spec in enumerate(plan.mix.sources):
+        if spec.template not in encoders:
+            encoders[spec.template] = _encoder(tokenizer, spec.template, image_token_id, num_image_tokens,
+                                               int(dc.max_length), spec.where)
+        processors.append(SampleProcessor(
+            encoders[spec.template], kind=spec.kind, image_root=spec.image_root, image_size=image_size,
+            pad_to_square=spec.pad_to_square, labels=labels, source=k, tfds_image_key=spec.tfds_image_key,
+            tfds_caption_key=spec.tfds_caption_key, tfds_conversations_key=spec.tfds_conversations_key,
+            tfds_prefix=f"{spec.tfds_name}/{spec.tfds_split}/", pixels=pixels))
+    process = MixtureProcessor(processors)
 
-    base = grain.MapDataset.source(src).shuffle(seed=int(config.seed)).repeat(num_epochs)
     per_process = num_shards // pc
     shard_streams = []
     for s in range(pi * per_process, (pi + 1) * per_process):
-        ds = base[s::num_shards].map(processor)
+        ds = plan.stream[s::num_shards].map(process)
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(dc.get("num_threads", 4)),
                                                   prefetch_buffer_size=max(2 * rows, 1)))
         if int(dc.num_workers) > 0:
@@ -625,5 +739,12 @@ def make_train_iterator(config, tokenizer, image_token_id: int, num_image_tokens
         import grain.experimental as gx
 
         ds = gx.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=int(dc.prefetch))
-    stats = DataStats()
-    return DataIterator(iter(ds), stats), stats
+    names = [s.name for s in plan.mix.sources]
+    stats = DataStats(sources={n: {"samples": 0, "skipped": 0} for n in names} if len(names) > 1 else {})
+    return DataIterator(iter(ds), stats, names, plan.description), stats
+
+
+__all__ = ["SKIP_REASONS", "HOST_KEYS", "SampleProcessor", "MixtureProcessor", "DataStats", "Collate", "DataIterator",
+           "device_batch", "open_source", "make_source", "num_examples", "check_paths", "make_train_iterator",
+           "load_records", "LabelStore", "JsonSource", "TfdsSource", "ArrayRecordSource", "DataFormatError",
+           "PathError"]

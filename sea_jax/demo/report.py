@@ -46,8 +46,7 @@ def heldout_caption_loss(workdir: str, records_json: str, image_root: str, *, st
     for k, r in enumerate(pipeline.load_records(records_json)):
         rec = llava.parse_record(r, k)
         e = enc.encode(rec)
-        img = images_lib.load_and_preprocess(os.path.join(image_root, rec.image), cfg.vision.image_size,
-                                             pad_to_square=run.pad_to_square)
+        img = images_lib.load_for(cfg.pixel_spec, os.path.join(image_root, rec.image), run.pad_to_square)
         rows.append((e, img))
     if not rows:
         raise ValueError(f"{records_json}: no records")
@@ -98,9 +97,7 @@ def answer_questions(workdir: str, questions: Sequence[tuple[str, str, str]], *,
         chunk = list(questions[s:s + batch_size])
         real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - real)  # one compiled shape
-        images = np.stack([images_lib.load_and_preprocess(p, cfg.vision.image_size,
-                                                          pad_to_square=run.pad_to_square)
-                           for p, _, _ in chunk])
+        images = np.stack([images_lib.load_for(cfg.pixel_spec, p, run.pad_to_square) for p, _, _ in chunk])
         rows = [gen.encode_prompt(tok, gen.chat_prompt(tok, q), cfg.num_image_tokens) for _, q, _ in chunk]
         ids, mask = gen.pad_batch(rows, pad, "left")
         out = generator(params, images, ids, mask, max_new_tokens=max_new_tokens, temperature=0.0,

@@ -49,8 +49,7 @@ def encode_records(records_json: str, image_root: str, tokenizer, template: str,
             e = enc.encode(rec)
             img = None
             if rec.image is not None:
-                img = images_lib.load_and_preprocess(os.path.join(image_root, rec.image), mcfg.vision.image_size,
-                                                     pad_to_square=pad_to_square)
+                img = images_lib.load_for(mcfg.pixel_spec, os.path.join(image_root, rec.image), pad_to_square)
         except (llava.SkipSample, images_lib.ImageLoadError) as err:
             logging.warning("in-loop eval: skipping held-out record %d: %s", k, err)
             continue
@@ -154,7 +153,7 @@ class InLoopEval:
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             total, count = 0.0, 0
             for batch in lm_batches(self.rows[: int(e.heldout_samples)], self.batch_size,
-                                    int(self.config.data.max_length), self.mcfg.vision.image_size, pad):
+                                    int(self.config.data.max_length), self.mcfg.image_size, pad):
                 t, c = self._nll(params, self._place(batch))
                 total, count = total + float(t), count + int(c)
             out["eval/lm_loss"] = total / max(count, 1)
@@ -192,7 +191,7 @@ class InLoopEval:
 
         template = PLAIN_CHAT_TEMPLATE if self.config.data.template == "plain" else None
         tok = prepare_tokenizer(self.tokenizer, self.mcfg, template)
-        model = EvalModel(self.mcfg, params, tok, self.mcfg.vision.image_size, bool(self.config.data.pad_to_square))
+        model = EvalModel(self.mcfg, params, tok, self.mcfg.image_size, bool(self.config.data.pad_to_square))
         answerer = Answerer(model, self.mesh, self.batch_size)
         answers = answerer.answer(self.questions, int(self.config.eval.max_new_tokens) or self.bench.max_new_tokens)
         folder = os.path.join(self.run_path, "eval", f"step_{step}", self.bench.name)

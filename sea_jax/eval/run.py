@@ -123,14 +123,14 @@ class Answerer:
         return encode_prompt(self.model.tokenizer, text, self.model.cfg.num_image_tokens)
 
     def _pixels(self, question: Question) -> np.ndarray:
-        from sea_jax.data.images import ImageLoadError, load_and_preprocess
+        from sea_jax.data.images import ImageLoadError, load_for
         from sea_jax.eval.common import EvalInputError
 
-        s = self.model.image_size
+        spec = self.model.cfg.pixel_spec
         if not question.image:  # text-only: a dummy image the prompt never refers to
-            return np.zeros((s, s, 3), np.float32)
+            return np.zeros((spec.size, spec.size, 3), np.float32)
         try:
-            return load_and_preprocess(question.image, s, pad_to_square=self.model.pad_to_square)
+            return load_for(spec, question.image, self.model.pad_to_square)
         except ImageLoadError as e:
             raise EvalInputError(f"question {question.question_id!r}: {e}") from None
 

@@ -57,13 +57,13 @@ def main(argv) -> int:
 
     from sea_jax import generate as gen
     from sea_jax import sharding
-    from sea_jax.data.images import load_and_preprocess
+    from sea_jax.data.images import load_for
     from sea_jax.models.mllm import MLLM
 
     f = flags.FLAGS
     mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1)) if f.mesh else None
     cfg, params, tok, pre = load(f, mesh)
-    images = [load_and_preprocess(p, pre["image_size"], pad_to_square=pre["pad_to_square"]) for p in f.image]
+    images = [load_for(cfg.pixel_spec, p, pre["pad_to_square"]) for p in f.image]
     prompts = list(f.prompt)
     if len(prompts) == 1 and len(images) > 1:
         prompts = prompts * len(images)

@@ -205,9 +205,9 @@ def _batches(items: list[tuple[int, str]], batch_size: int, load, pool) -> Itera
         yield [(pos, fut.result()) for pos, fut in chunk]
 
 
-def _load_safe(path: str, size: int, pad: bool):
+def _load_safe(path: str, spec: image_lib.PixelSpec, pad: bool):
     try:
-        return image_lib.load_and_preprocess(path, size, pad_to_square=pad)
+        return image_lib.load_for(spec, path, pad)
     except image_lib.ImageLoadError as e:
         return e
 
@@ -298,7 +298,7 @@ def label_dataset(config, workdir: str) -> dict | None:
             word_axes = [a for a in re.split(r"[,\s]+", word_axes) if a]
         labeller = L.make_labeller(
             cfg, params, table, mesh, n=int(lc.top_n), negate_similarity=bool(lc.negate_similarity),
-            feature=lc.feature, word_axes=word_axes, chunk_size=(int(lc.chunk_size) or None),
+            word_axes=word_axes, chunk_size=(int(lc.chunk_size) or None),
             precision=_precision(lc.matmul_precision),
         )
         if lc.batch_size % labeller.batch_shards:
@@ -369,7 +369,10 @@ def _label_shard(s, num_shards, out_dir, data: Dataset, users, labeller, cfg, co
     rows_pos: list[int] = []
     outs: list[tuple[Any, Any, int]] = []
     bad: list[tuple[str, str]] = []
-    load = lambda path: _load_safe(path, size, pad)  # noqa: E731
+    from sea_jax.models.mllm import pixel_spec_for
+
+    spec = pixel_spec_for(cfg)
+    load = lambda path: _load_safe(path, spec, pad)  # noqa: E731
     for chunk in _batches(items, bs, load, pool):
         good = []
         for pos, res in chunk:

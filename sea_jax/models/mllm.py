@@ -1,16 +1,26 @@
-"""The multimodal LLM: image -> SigLIP -> adapter -> visual tokens at ``<image>`` -> decoder LLM.
+"""The multimodal LLM: image -> vision tower -> adapter -> visual tokens at ``<image>`` -> decoder LLM.
 
-Semantics are those of HF ``LlavaForConditionalGeneration`` with a SigLIP vision tower and
-``vision_feature_select_strategy="full"``: the adapter reads ``hidden_states[vision_feature_layer]``
-of the vision tower (HF numbering: [0] = patch + position embedding, [i] = output of block i, so
--2 is the penultimate block's output, before the final norm), the visual tokens replace the
-placeholder embeddings in order, and the whole sequence goes through the LLM's ``inputs_embeds``
-path.
+Semantics are those of HF ``LlavaForConditionalGeneration``: the adapter reads
+``hidden_states[vision_feature_layer]`` of the vision tower (HF numbering: [0] = the embeddings,
+[i] = output of block i, so -2 is the penultimate block's output, before the final norm) without
+the tower's prefix tokens (SigLIP has none, ``vision_feature_select_strategy="full"``; CLIP's CLS
+token is dropped, LLaVA-1.5's ``"default"``: 24 x 24 = 576 tokens at 336 px), the visual tokens
+replace the placeholder embeddings in order, and the whole sequence goes through the LLM's
+``inputs_embeds`` path.
 
-Gemma's sqrt(hidden) input scale: in transformers >= 5 it lives in the embedding module
-(``GemmaTextScaledWordEmbedding``), so HF Llava scales the *text* rows and writes the visual tokens
-unscaled (transformers 4, which the paper's code used, scaled every row inside ``GemmaModel``). We match the pinned transformers, so an exported model gives the same logits. The two
-conventions differ only by a constant factor on the adapter's last layer.
+Vision towers: SigLIP (:mod:`sea_jax.models.siglip`) or CLIP (:mod:`sea_jax.models.clip`), chosen
+by the type of ``MLLMConfig.vision``; with ``MLLMConfig.s2`` the adapter reads the S2 multi-scale
+features (:mod:`sea_jax.models.s2`, scales concatenated on channels) while the labels read the
+base scale. :class:`VisionFeatures` carries both.
+
+Gemma's sqrt(hidden) input scale (``MLLMConfig.scale_visual_tokens``). The paper's code (LLaVA on
+transformers 4) multiplied *every* input-embedding row by sqrt(hidden), visual tokens included;
+transformers 5 (pinned here) scales only the text rows inside ``GemmaTextScaledWordEmbedding``.
+``scale_visual_tokens=True`` trains as the paper did; the export folds the factor into the
+adapter's last Linear (:mod:`sea_jax.convert.hf_llava`), so the HF folder gives the same logits
+under transformers 5. False is transformers 5's semantics (the default of this dataclass, what an
+imported Llava folder means); the config schema's default (``model.scale_visual_tokens``) is the
+paper's. Models without the scale (Llama, Phi-3) are unaffected.
 
 The three parts stay separate parameter trees (``{"vision", "adapter", "llm"}``) so a train step
 can freeze any of them simply by not differentiating with respect to it.
@@ -18,6 +28,7 @@ can freeze any of them simply by not differentiating with respect to it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -25,10 +36,44 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from sea_jax import sharding
+from sea_jax.models import clip, s2, siglip
 from sea_jax.models.adapter import Adapter
 from sea_jax.models.llm import LLM, LLMConfig, abstract_variables
-from sea_jax.models.siglip import ImageEncoding, ImageTower, SigLIPConfig
-from sea_jax.models.siglip import abstract_params as siglip_abstract_params
+from sea_jax.models.siglip import ImageEncoding, SigLIPConfig
+
+VisionConfig = SigLIPConfig | clip.CLIPConfig
+
+
+def tower_module(cfg: VisionConfig):
+    """The module of a vision config's family (``siglip`` or ``clip``): its ``ImageTower``,
+    ``TextTower``, ``abstract_params``, ``init_params``."""
+    return clip if isinstance(cfg, clip.CLIPConfig) else siglip
+
+
+def pixel_spec_for(cfg: VisionConfig, size: int | None = None):
+    """The :class:`sea_jax.data.images.PixelSpec` of a tower at ``size`` (default its own): CLIP's
+    mean / std and its processor's shorter-side resize + centre crop, or SigLIP's 0.5 / 0.5 and a
+    resize to the square."""
+    from sea_jax.data.images import PixelSpec
+
+    size = cfg.image_size if size is None else int(size)
+    if isinstance(cfg, clip.CLIPConfig):
+        return PixelSpec(size, clip.IMAGE_MEAN, clip.IMAGE_STD, center_crop=True)
+    return PixelSpec(size)
+
+
+# labels.feature (config spelling) -> the tower's patch-feature mode
+FEATURE_MODES = {SigLIPConfig: {"joint": "map", "raw": "encoded"}, clip.CLIPConfig: {"joint": "proj", "raw": "encoded"}}
+
+
+def patch_feature_mode(cfg: VisionConfig, feature: str) -> str:
+    """The tower's per-patch feature mode for ``labels.feature``: ``"joint"`` is the tower's own
+    joint-space projection of each patch (SigLIP: the patch alone through the MAP head; CLIP: the
+    final LayerNorm and the visual projection), ``"raw"`` the encoder output."""
+    modes = FEATURE_MODES[type(cfg)]
+    if feature not in modes:
+        raise ValueError(f"labels.feature must be one of {sorted(modes)}, got {feature!r}")
+    return modes[feature]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,22 +82,69 @@ class MLLMConfig:
 
     Attributes:
       llm: the decoder LLM.
-      vision: the SigLIP towers (the image tower is the vision encoder; the text tower only labels).
+      vision: the vision towers, SigLIP or CLIP (the image tower is the vision encoder; the text
+        tower only labels). Its ``patch_features`` is the labels' per-patch feature.
       image_token_id: id of the ``<image>`` placeholder in the LLM's vocabulary.
       vision_feature_layer: index into the image tower's hidden states (HF numbering, see module).
       adapter: "mlp2x_gelu" or "linear".
+      s2: the S2 scales (the adapter reads multi-scale features), or None.
+      scale_visual_tokens: multiply the visual tokens by the LLM's input scale (Gemma's
+        sqrt(hidden)) as the text rows are (the paper's code); see the module docstring.
     """
 
     llm: LLMConfig
-    vision: SigLIPConfig
+    vision: VisionConfig
     image_token_id: int
     vision_feature_layer: int = -2
     adapter: str = "mlp2x_gelu"
+    s2: s2.S2Config | None = None
+    scale_visual_tokens: bool = False
+
+    def __post_init__(self):
+        if self.s2 is not None and self.s2.base_size != self.vision.image_size:
+            raise ValueError(f"S2's base scale {self.s2.base_size} must be the tower's image size {self.vision.image_size}")
 
     @property
     def num_image_tokens(self) -> int:
-        """Visual tokens per image (all patches; SigLIP has no CLS token)."""
+        """Visual tokens per image: every patch (CLIP's CLS token is dropped; S2 pools to the base grid)."""
         return self.vision.num_patches
+
+    @property
+    def adapter_in_dim(self) -> int:
+        """Channels of the adapter's input: the tower's width, times the scales with S2."""
+        return self.vision.width * (len(self.s2.scales) if self.s2 is not None else 1)
+
+    @property
+    def image_size(self) -> int:
+        """Pixels per side the model takes: the tower's size, or S2's largest scale."""
+        return self.s2.image_size if self.s2 is not None else self.vision.image_size
+
+    @property
+    def pixel_spec(self):
+        """How images are preprocessed for this tower (:class:`sea_jax.data.images.PixelSpec`): at
+        :attr:`image_size`; CLIP: OpenAI's mean / std, shorter side resized then centre-cropped
+        (its HF processor, as LLaVA-1.5 trained); SigLIP: 0.5 / 0.5, resized to the square."""
+        return pixel_spec_for(self.vision, self.image_size)
+
+    @property
+    def visual_token_scale(self) -> float:
+        """What the visual tokens are multiplied by before the LLM (1 unless scaled)."""
+        return math.sqrt(self.llm.hidden) if self.scale_visual_tokens and self.llm.scale_embeddings else 1.0
+
+
+class VisionFeatures(NamedTuple):
+    """What the vision side gives the rest of the model.
+
+    Attributes:
+      features: [b, n, d_in] the adapter's input (``hidden_states[vision_feature_layer]`` without
+        prefix tokens, or the S2 features).
+      patch_embeds: [b, n, dj] per-patch joint-space features for semantic labels (base scale).
+      image: the tower's encoding at the base scale.
+    """
+
+    features: Float[Array, "b n d"]
+    patch_embeds: Float[Array, "b n e"]
+    image: ImageEncoding
 
 
 class Forward(NamedTuple):
@@ -61,14 +153,14 @@ class Forward(NamedTuple):
     Attributes:
       logits: [b, l, vocab] float32, or None when the LM head was not applied.
       visual_tokens: [b, p, d] adapter outputs (what SEA aligns).
-      image: the vision tower's outputs (``patch_embeds`` feeds on-the-fly labelling).
+      image: the vision side's outputs (``patch_embeds`` feeds on-the-fly labelling).
       hidden: [b, l, d] the LLM's final hidden states (after its final norm), when the LM head was
         not applied (:func:`lm_loss_chunked` applies it a chunk at a time); else None.
     """
 
     logits: Float[Array, "b l v"] | None
     visual_tokens: Float[Array, "b p d"]
-    image: ImageEncoding | None
+    image: VisionFeatures | None
     hidden: Float[Array, "b l d"] | None = None
 
 
@@ -77,8 +169,8 @@ def abstract_params(cfg: MLLMConfig) -> dict:
     shapes, dtypes and logical axes, nothing allocated. The vision entry is the image tower only
     (the text tower labels patches in training and is not part of the multimodal model)."""
     adapter = Adapter(out_dim=cfg.llm.hidden, kind=cfg.adapter, dtype=cfg.llm.dtype)
-    feats = jnp.zeros((1, cfg.vision.num_patches, cfg.vision.width), jnp.float32)
-    return {"vision": {"img": siglip_abstract_params(cfg.vision)["img"]},
+    feats = jnp.zeros((1, cfg.num_image_tokens, cfg.adapter_in_dim), jnp.float32)
+    return {"vision": {"img": tower_module(cfg.vision).abstract_params(cfg.vision)["img"]},
             "adapter": jax.eval_shape(lambda: adapter.init(jax.random.key(0), feats)["params"]),
             "llm": abstract_variables(cfg.llm)["params"]}
 
@@ -105,32 +197,42 @@ def merge_image_tokens(
 class MLLM:
     """The model definitions (stateless); parameters are passed to every call.
 
-    ``params = {"vision": siglip_params, "adapter": adapter_params, "llm": llm_params}`` where
-    ``siglip_params`` is the big_vision tree (``img``, ``txt``, ``t``, ``b``).
+    ``params = {"vision": tower_params, "adapter": adapter_params, "llm": llm_params}`` where
+    ``tower_params`` is the tower family's tree (``img``, and ``txt``... which the model never reads).
     """
 
     def __init__(self, cfg: MLLMConfig):
         self.cfg = cfg
         self.llm = LLM(cfg.llm)
-        self.image_tower = ImageTower(cfg.vision)
+        self.image_tower = tower_module(cfg.vision).ImageTower(cfg.vision)
         self.adapter = Adapter(out_dim=cfg.llm.hidden, kind=cfg.adapter, dtype=cfg.llm.dtype)
 
-    def encode_images(self, vision_params: Any, images: Float[Array, "b h w 3"]) -> ImageEncoding:
-        """SigLIP image tower (``vision_params["img"]``) with every block's output (the adapter reads
-        one of them). The text tower is not needed here: labels come from its cached word table."""
-        return self.image_tower.apply({"params": vision_params["img"]}, images, hidden_states=True)
+    def encode_images(self, vision_params: Any, images: Float[Array, "b h w 3"]) -> VisionFeatures:
+        """The image tower (``vision_params["img"]``): the adapter's input features and the labels'
+        per-patch features. The text tower is not needed here: labels use its cached word table."""
+        cfg, layer = self.cfg, self.cfg.vision_feature_layer
+        drop = cfg.vision.num_prefix_tokens
+        if cfg.s2 is not None:
+            feats, enc = s2.s2_encode(self.image_tower, vision_params["img"], images, cfg.s2, layer)
+        else:
+            enc = self.image_tower.apply({"params": vision_params["img"]}, images, hidden_states=True)
+            feats = enc.hidden_states[layer][:, drop:]
+        return VisionFeatures(feats, enc.patch_embeds, enc)
 
-    def visual_tokens(self, adapter_params: Any, image: ImageEncoding) -> Float[Array, "b p d"]:
-        """Adapter applied to ``hidden_states[vision_feature_layer]``."""
-        feats = image.hidden_states[self.cfg.vision_feature_layer]
-        return self.adapter.apply({"params": adapter_params}, feats)
+    def visual_tokens(self, adapter_params: Any, image: VisionFeatures) -> Float[Array, "b p d"]:
+        """The adapter applied to the vision features."""
+        return self.adapter.apply({"params": adapter_params}, image.features)
 
     def embed_inputs(
         self, llm_params: Any, input_ids: Int[Array, "b l"], visual_tokens: Float[Array, "b p d"]
     ) -> Float[Array, "b l d"]:
         """LLM ``inputs_embeds`` for a batch: the text rows as the LLM embeds them (scaled for
-        Gemma) with the visual tokens written, unscaled, at the ``<image>`` positions (HF Llava)."""
+        Gemma) with the visual tokens written at the ``<image>`` positions: scaled as the text rows
+        with ``scale_visual_tokens`` (the paper), unscaled otherwise (HF Llava, transformers 5)."""
         text = self.llm.apply({"params": llm_params}, input_ids, method="embed", scaled=True)
+        if self.cfg.visual_token_scale != 1.0:
+            # as the LLM scales its text rows: in the compute dtype, the factor rounded to it
+            visual_tokens = visual_tokens.astype(text.dtype) * jnp.asarray(self.cfg.visual_token_scale, text.dtype)
         merged = merge_image_tokens(text, input_ids, visual_tokens, self.cfg.image_token_id)
         return sharding.constrain(merged, ("batch", "length", "act_embed"))
 
@@ -143,7 +245,7 @@ class MLLM:
     ) -> Forward:
         """Full forward pass -> :class:`Forward`."""
         image = self.encode_images(params["vision"], images)
-        fwd = self.forward_features(params, image.hidden_states[self.cfg.vision_feature_layer], input_ids, attention_mask)
+        fwd = self.forward_features(params, image.features, input_ids, attention_mask)
         return fwd._replace(image=image)
 
     def forward_features(
@@ -154,7 +256,7 @@ class MLLM:
         attention_mask: Bool[Array, "b l"] | None = None,
         compute_logits: bool = True,
     ) -> Forward:
-        """Forward pass from the adapter's input features (``hidden_states[vision_feature_layer]``),
+        """Forward pass from the adapter's input features (:attr:`VisionFeatures.features`),
         e.g. computed once per step for a frozen tower and reused by every microbatch.
         ``compute_logits=False`` returns the final hidden states (``hidden``) instead of the logits
         (for :func:`lm_loss_chunked`). ``image`` of the result is None."""

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sea_jax import sharding
+from sea_jax.models import stack
 
 Array = jax.Array
 
@@ -125,6 +126,11 @@ class SigLIPConfig:
     @property
     def num_patches(self) -> int:
         return self.grid**2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches in the hidden states: none (SigLIP has no CLS token)."""
+        return 0
 
     def replace(self, **kw) -> "SigLIPConfig":
         return dataclasses.replace(self, **kw)
@@ -365,12 +371,6 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array):
-        block = Encoder1DBlock
-        if self.remat:
-            # Under scan, CSE across iterations cannot happen, so prevent_cse only costs speed there.
-            block = nn.remat(
-                block, prevent_cse=not self.scan, policy=getattr(jax.checkpoint_policies, self.remat_policy)
-            )
         kw = dict(
             width=self.width,
             mlp_dim=self.mlp_dim,
@@ -380,24 +380,10 @@ class Encoder(nn.Module):
             param_dtype=self.param_dtype,
             collect=self.collect,
         )
-        hidden = [x]
-        if self.scan:
-            scanned = nn.scan(
-                block,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                length=self.depth,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            x, ys = scanned(name="encoderblock", **kw)(x)
-            if self.collect:
-                hidden.extend(ys[i] for i in range(self.depth))
-        else:
-            for i in range(self.depth):
-                x, _ = block(name=f"encoderblock_{i}", **kw)(x)
-                hidden.append(x)
+        x, hidden = stack.run_blocks(Encoder1DBlock, kw, x, depth=self.depth, name="encoderblock", scan=self.scan,
+                                     remat=self.remat, remat_policy=self.remat_policy, collect=self.collect)
         x = _layer_norm(self.eps, self.dtype, self.param_dtype, "encoder_norm")(x)
-        return x, (tuple(hidden) if self.collect else None)
+        return x, hidden
 
 
 class MAPHead(nn.Module):

@@ -98,7 +98,6 @@ def probe_workdir(workdir: str, *, stage: int | None = None, step: int | None = 
     from sea_jax.align import loss as loss_lib
     from sea_jax.align import semantic_labels as L
     from sea_jax.data import images as images_lib
-    from sea_jax.models import siglip
     from sea_jax.models.mllm import MLLM
     from sea_jax.rundir import RunDir
 
@@ -130,19 +129,17 @@ def probe_workdir(workdir: str, *, stage: int | None = None, step: int | None = 
         paths, truth_ids, objects = truth.images, truth.onto(words), truth.objects
     else:
         paths = list(images)[:num_images] if images else _data_images(config, num_images)
-    size = mcfg.vision.image_size
+    spec = mcfg.pixel_spec
     pad = bool(config.data.pad_to_square)
-    pixels = np.stack([images_lib.load_and_preprocess(p, size, pad_to_square=pad) for p in paths])
+    pixels = np.stack([images_lib.load_for(spec, p, pad) for p in paths])
 
     mllm = MLLM(mcfg)
-    feature = L.FEATURES[config.labels.feature]
-    img_tower = siglip.ImageTower(mcfg.vision)
 
     @jax.jit
     def forward(vision, adapter, wtab, x):
-        enc = img_tower.apply({"params": vision["img"]}, x, patch_features=feature, hidden_states=True)
-        tokens = mllm.visual_tokens(adapter, enc)
-        ids, _, valid = L.top_labels(enc.patch_embeds, wtab, n=int(config.labels.top_n),
+        image = mllm.encode_images(vision, x)  # the adapter's features and the labels' (as training)
+        tokens = mllm.visual_tokens(adapter, image)
+        ids, _, valid = L.top_labels(image.patch_embeds, wtab, n=int(config.labels.top_n),
                                      negate_similarity=bool(config.labels.negate_similarity))
         return tokens, ids, valid
 
@@ -183,8 +180,8 @@ def probe_workdir(workdir: str, *, stage: int | None = None, step: int | None = 
                 truth_accuracy_objects=alignment_accuracy(recalled, truth_ids, where=objects),
                 truth_accuracy_background=alignment_accuracy(recalled, truth_ids, where=~objects),
                 object_share=float(objects.mean()))
-    mean = np.asarray(images_lib.SIGLIP_MEAN, np.float32)
-    std = np.asarray(images_lib.SIGLIP_STD, np.float32)
+    mean = np.asarray(spec.mean, np.float32)
+    std = np.asarray(spec.std, np.float32)
     shown = np.clip(np.rint((pixels * std + mean) * 255), 0, 255).astype(np.uint8)
     return ProbeResult(shown, list(words), recalled, labels, label_valid, truth_ids, objects, metrics)
 

@@ -56,4 +56,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    cli.run_absl(main, __doc__)
+    cli.run_absl(main, __doc__, route_logs=True)

@@ -3,13 +3,18 @@
 A hook is ``fn(info: StepInfo)`` registered with ``hooks.add(fn, every=n)``; it runs after every
 ``n``-th step and after the last one. A hook ends the run early by raising :class:`StopTraining`
 (the preemption hook does, after saving). The trainer's own hooks live here: logging
-(:class:`LogHook`), periodic checkpoints (:func:`checkpoint_hook`) and preemption
-(:func:`preemption_hook`); later side jobs (evaluation, profiling) are added the same way.
+(:class:`LogHook`, metrics, histograms and the progress display), periodic checkpoints
+(:func:`checkpoint_hook`), preemption (:func:`preemption_hook`) and a profiler trace of a window
+of steps (:class:`ProfileHook`); later side jobs (evaluation) are added the same way. The probe's
+picture at the end of a run (:func:`probe_picture`) runs after the last checkpoint, not as a hook.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from sea_jax import checkpoint as ckpt_lib
+from sea_jax import storage
 
 
 @dataclasses.dataclass
@@ -70,35 +76,151 @@ class Hooks:
 
 
 class LogHook:
-    """Logs the metrics of a step: the step's own (loss, lm_loss, align_loss, tau, lr, grad norm,
-    unique labels), the time per step since the previous log, tokens/s, TFLOP/s per device and MFU
-    (``flops`` per step against the chip's ``peak`` TFLOP/s), and the data statistics."""
+    """Logs the metrics of a step every ``train.log_every`` steps.
 
-    def __init__(self, logger, flops_per_step: float, peak_tflops: float | None, batch_size: int,
-                 data_stats: Callable[[], dict]):
-        self.logger, self.flops, self.peak, self.batch_size = logger, flops_per_step, peak_tflops, batch_size
-        self.data_stats = data_stats
+    A row holds the step's own metrics (loss, lm_loss, align_loss, tau, lr, grad_norm,
+    unique_labels, ...), the data statistics (skipped/<reason>, skipped_total, truncated,
+    samples, ...) and, averaged over the steps since the previous row:
+
+    * ``step_time``: wall seconds per step; ``data_wait``: of which the loop was blocked on the
+      input pipeline (the clock's ``data_wait`` phase); ``compute_time`` = the difference;
+    * ``tokens_per_s`` (``batch_size x sequence length / step_time``), ``tflops_per_device`` and
+      ``mfu`` (``flops`` per step against the chip's ``peak`` TFLOP/s; None when unknown).
+
+    With ``histograms``, also histograms (TensorBoard, W&B) of the per-step ``unique_labels`` and
+    ``candidates`` of the steps since the previous row (collected by :meth:`collect`, which must
+    run after every step), and of the logged step's batch ``label_scores`` (this process's rows,
+    labelled slots only; present when labels come with the batch, ``sea.label_source="batch"``).
+    """
+
+    WINDOW_KEYS = ("unique_labels", "candidates")
+
+    def __init__(self, tracker, progress, clock, flops_per_step: float, peak_tflops: float | None, batch_size: int,
+                 data_stats: Callable[[], dict], histograms: bool = True):
+        self.tracker, self.progress, self.clock = tracker, progress, clock
+        self.flops, self.peak, self.batch_size = flops_per_step, peak_tflops, batch_size
+        self.data_stats, self.histograms = data_stats, histograms
         self.last: dict[str, Any] = {}
+        self._window: list[dict[str, Any]] = []
         self.restart_clock(0)
 
     def restart_clock(self, step: int) -> None:
         """Measures step time from now on (after compiling, restoring)."""
-        self._t, self._step = time.time(), step
+        self._t, self._step, self._wait = time.time(), step, self.clock.total("data_wait")
+
+    def collect(self, info: StepInfo) -> None:
+        """Keeps this step's window metrics (device scalars: no wait for the step here)."""
+        if self.histograms:
+            self._window.append({k: info.metrics[k] for k in self.WINDOW_KEYS if k in info.metrics})
 
     def __call__(self, info: StepInfo) -> None:
-        m = jax.device_get(info.metrics)
-        dt = (time.time() - self._t) / max(info.step - self._step, 1)
+        m, window = jax.device_get((info.metrics, self._window))  # waits for the step: productive time
+        self._window = []
+        n = max(info.step - self._step, 1)
+        dt = (time.time() - self._t) / n
+        wait = (self.clock.total("data_wait") - self._wait) / n
         self.restart_clock(info.step)
-        seq = int(np.shape(info.batch["input_ids"])[1])
-        tflops = self.flops / dt / jax.device_count() / 1e12
-        row = {k: np.asarray(v).item() for k, v in m.items()}
-        row.update(step_time=dt, tokens_per_s=self.batch_size * seq / dt, tflops_per_device=tflops,
-                   mfu=(tflops / self.peak) if self.peak else None)
-        row.update(self.data_stats())  # skipped/<reason>, skipped_total, truncated, ...
-        self.logger.log(info.step, row)
+        with self.clock.phase("logging"):
+            seq = int(np.shape(info.batch["input_ids"])[1])
+            tflops = self.flops / dt / jax.device_count() / 1e12
+            row = {k: np.asarray(v).item() for k, v in m.items()}
+            row.update(step_time=dt, data_wait=wait, compute_time=max(dt - wait, 0.0),
+                       tokens_per_s=self.batch_size * seq / dt, tflops_per_device=tflops,
+                       mfu=(tflops / self.peak) if self.peak else None)
+            row.update(self.data_stats())  # skipped/<reason>, skipped_total, truncated, ...
+            self.tracker.log(info.step, row)
+            if self.histograms:
+                self._log_histograms(info, window)
+            self.progress.show(info.step, row)
         self.last = row
         if not math.isfinite(row.get("loss", 0.0)):
             logging.error("step %d: loss is %s", info.step, row.get("loss"))
+
+    def _log_histograms(self, info: StepInfo, window: list[dict[str, Any]]) -> None:
+        for key in self.WINDOW_KEYS:
+            values = [np.asarray(w[key]).item() for w in window if key in w]
+            if values:
+                self.tracker.histogram(f"histogram/{key}", info.step, np.asarray(values))
+        scores = info.batch.get("label_scores")
+        if scores is not None:
+            scores = np.asarray(scores)
+            self.tracker.histogram("histogram/label_scores", info.step, scores[scores > 0])
+
+
+class ProfileHook:
+    """A ``jax.profiler`` trace of the steps ``first .. first + count - 1`` (1-based step numbers),
+    into ``out_dir`` (``<run folder>/profile``; TensorBoard's profile plugin and xprof read it).
+
+    The trace starts after step ``first - 1`` (at once when the run starts, or resumes, right
+    before ``first``) and stops after step ``first + count - 1`` or the run's last step, each time
+    once the device has finished the steps before, so the trace holds those steps and no others.
+    A resumed run already past ``first`` takes no trace. A ``gs://`` ``out_dir`` is traced to a
+    local temporary folder and copied there when the trace stops.
+    """
+
+    def __init__(self, out_dir: str, first: int, count: int, done: int, clock=None, state: Any = None):
+        self.out_dir, self.first, self.stop_after = out_dir, int(first), int(first) + max(int(count), 1) - 1
+        self.clock = clock
+        self.active = False
+        self._local: str | None = None
+        self.traces = 0
+        if int(done) + 1 == self.first:
+            self._start(state)
+
+    def _phase(self):
+        return self.clock.phase("profile") if self.clock is not None else contextlib.nullcontext()
+
+    def _start(self, state: Any) -> None:
+        with self._phase():
+            if state is not None:
+                jax.block_until_ready(state)
+            self._local = tempfile.mkdtemp(prefix="sea_jax_profile_") if storage.is_remote(self.out_dir) \
+                else self.out_dir
+            storage.makedirs(self._local)
+            jax.profiler.start_trace(self._local)
+            self.active = True
+            logging.info("profiling steps %d-%d into %s", self.first, self.stop_after, self.out_dir)
+
+    def _stop(self, state: Any) -> None:
+        with self._phase():
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
+            self.traces += 1
+            if self._local != self.out_dir:
+                storage.copytree(self._local, self.out_dir)
+                shutil.rmtree(self._local, ignore_errors=True)
+            logging.info("profile of steps %d-%d written to %s", self.first, self.stop_after, self.out_dir)
+
+    def __call__(self, info: StepInfo) -> None:
+        if self.active and (info.step >= self.stop_after or info.last):
+            self._stop(info.state)
+        elif not self.active and not self.traces and info.step + 1 == self.first and not info.last:
+            self._start(info.state)
+
+    def close(self) -> None:
+        """Stops a trace still running (the run ended early, e.g. preempted)."""
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
+def probe_picture(workdir: str, stage: int, num_images: int, run_path: str) -> np.ndarray:
+    """The probe's picture (:func:`sea_jax.probe.run_probe`: each visual token's recalled word,
+    green where right) of the run's newest checkpoint on its first ``num_images`` images, saved as
+    ``<run folder>/probe.png`` and ``probe.json``; returns it as uint8 ``[H, W, 3]`` for the
+    tracker."""
+    from PIL import Image
+
+    from sea_jax import probe
+
+    with tempfile.TemporaryDirectory(prefix="sea_jax_probe_") as tmp:
+        out = f"{tmp}/probe.png"
+        probe.run_probe(workdir, stage=stage, out=out, num_images=num_images, plot_images=min(num_images, 4))
+        for name in ("probe.png", "probe.json"):
+            storage.copy(f"{tmp}/{name}", storage.join(run_path, name))
+        with Image.open(out) as im:
+            return np.asarray(im.convert("RGB"))
 
 
 def checkpoint_hook(save: Callable[[int], None]) -> Callable[[StepInfo], None]:
@@ -106,6 +228,18 @@ def checkpoint_hook(save: Callable[[int], None]) -> Callable[[StepInfo], None]:
     def hook(info: StepInfo) -> None:
         if not info.last:
             save(info.step)
+    return hook
+
+
+def eval_hook(evaluate: Callable[[int, Mapping, Mapping], dict], frozen: Mapping, tracker, clock) -> Callable[[StepInfo], None]:
+    """Runs ``evaluate(step, params, tables)`` (:class:`sea_jax.eval.inloop.InLoopEval`) on the
+    current parameters (the frozen parts and the state's trainable ones) and logs its ``eval/*``
+    metrics as a row of their own. Reads parameters only: training continues bit for bit."""
+    def hook(info: StepInfo) -> None:
+        with clock.phase("eval"):
+            metrics = evaluate(info.step, {**frozen, **info.state.params}, frozen)
+        logging.info("step %d: %s", info.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        tracker.log(info.step, metrics)
     return hook
 
 
@@ -119,4 +253,5 @@ def preemption_hook(flag: ckpt_lib.PreemptionFlag, save: Callable[[int], None]) 
     return hook
 
 
-__all__ = ["StepInfo", "StopTraining", "Hooks", "LogHook", "checkpoint_hook", "preemption_hook"]
+__all__ = ["StepInfo", "StopTraining", "Hooks", "LogHook", "ProfileHook", "checkpoint_hook", "eval_hook", "preemption_hook",
+           "probe_picture"]

@@ -9,6 +9,12 @@ the parameters, restore, then the loop; side jobs (logs, checkpoints, preemption
 checkpoint that restores, bit for bit (same data order, same random choices); SIGTERM (preemption)
 saves a checkpoint and ends the run normally.
 
+What a run records besides checkpoints (README "Observability"): ``metrics.jsonl`` and TensorBoard
+events (and W&B with ``log.wandb``; :mod:`sea_jax.tracking`), ``manifest.json`` (what produced the
+run, :mod:`sea_jax.manifest`), ``log.txt`` (every library's log lines, :mod:`sea_jax.logs`), a
+profiler trace of ``log.profile_steps`` steps in ``profile/``, and the goodput of the attempt
+(:mod:`sea_jax.goodput`) in the last log line, the returned dict and the manifest.
+
 Paths are local (or a gcsfuse mount such as ``/gcs/bucket``): ``gs://`` is refused up front
 rather than failing mid-run. Every path is checked before anything is built or compiled; the error
 names the config field to set.
@@ -16,6 +22,7 @@ names the config field to set.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -25,11 +32,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from sea_jax import builder, rundir, sharding
+from sea_jax import builder, goodput, logs, manifest, rundir, sharding, storage, tracking
 from sea_jax import checkpoint as ckpt_lib
 from sea_jax import config as config_lib
 from sea_jax import metrics as metrics_lib
-from sea_jax.errors import PathError
+from sea_jax import progress as progress_lib
+from sea_jax.errors import ConfigError, PathError
 from sea_jax.train import hooks as hooks_lib
 from sea_jax.train_step import init_state, split_params
 
@@ -71,14 +79,9 @@ def check_paths(config, workdir: str | None = None) -> None:
         if config.sea.label_source == "batch":
             need("labels.output_dir", config.labels.output_dir, "dir",
                  why=" (sea.label_source='batch' reads labels made by `python -m sea_jax.labels`)")
-    if config.data.kind == "llava_json":
-        need("data.json", config.data.json)
-        need("data.image_root", config.data.image_root, "dir")
-    elif config.data.kind == "tfds":
-        if not config.data.tfds_name:
-            problems.append("config.data.tfds_name is empty; set --config.data.tfds_name=...")
-        if config.data.tfds_data_dir:
-            need("data.tfds_data_dir", config.data.tfds_data_dir, "dir")
+    from sea_jax.data import pipeline
+
+    problems += pipeline.check_paths(config)  # the data: one source or a mixture, local or gs://
     src = rundir.init_from_run(config, workdir)
     if int(config.stage) == 2 and (src is None or not src.has_checkpoints()):
         where = src.path if src is not None else "(none)"
@@ -152,15 +155,36 @@ def compile_program(config, p: Plan, mesh, tx, schedule) -> Program:
     return Program(step, *p.inputs, flops)
 
 
+def check_log_config(config) -> None:
+    """:class:`ConfigError` for a ``log`` field out of range (before anything is built)."""
+    logs.check_mode(config.log.terminal)
+    tracking.check_wandb_config(config.log)
+    for name in ("profile_start", "progress_every", "probe_images"):
+        if int(config.log[name]) < 0:
+            raise ConfigError(f"config.log.{name}={config.log[name]!r}: must be >= 0")
+    if int(config.log.profile_steps) < 1:
+        raise ConfigError(f"config.log.profile_steps={config.log.profile_steps!r}: must be >= 1")
+
+
 def train(config, workdir: str, hooks: hooks_lib.Hooks | None = None) -> dict:
     """Runs (or resumes) one stage; returns the last logged metrics plus ``step``, ``stopped``
-    ("done" or "preempted") and ``data`` (the data statistics). ``hooks``: more side jobs."""
-    from sea_jax.data import pipeline
-
+    ("done" or "preempted"), ``data`` (the data statistics) and ``goodput`` (where the wall time
+    went, :mod:`sea_jax.goodput`). ``hooks``: more side jobs. Everything logged meanwhile also goes
+    to ``<run folder>/log.txt`` (:mod:`sea_jax.logs`)."""
+    clock = goodput.Clock()
     config_lib.validate(config)
+    check_log_config(config)
     sharding.init_distributed()
     check_paths(config, workdir)
     run = rundir.RunDir(workdir, int(config.stage))
+    with logs.run_log(logs.run_log_path(run.path, jax.process_index())):
+        return _run(config, run, hooks or hooks_lib.Hooks(), clock)
+
+
+def _run(config, run: rundir.RunDir, extra: hooks_lib.Hooks, clock: goodput.Clock) -> dict:
+    from sea_jax.data import pipeline
+
+    workdir = run.workdir
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(dict(config.mesh))
     builder.check_batch_split(config, mesh, jax.process_count())
@@ -174,83 +198,124 @@ def train(config, workdir: str, hooks: hooks_lib.Hooks | None = None) -> dict:
     p = plan(config, tokenizer, mesh, tx)
     sources, mcfg = p.sources, p.mcfg
     data_iter, data_stats = pipeline.make_train_iterator(
-        config, tokenizer, mcfg.image_token_id, mcfg.num_image_tokens, mcfg.vision.image_size)
+        config, tokenizer, mcfg.image_token_id, mcfg.num_image_tokens, mcfg.image_size, pixels=mcfg.pixel_spec)
     if is_main:
         run.save_config(config)
         tokenizer.save_pretrained(run.tokenizer)
-    program = compile_program(config, p, mesh, tx, schedule)
+    with clock.phase("compile"):
+        program = compile_program(config, p, mesh, tx, schedule)
 
     # --- parameters, SEA tables, state -----------------------------------------------------------
-    t0 = time.time()
-    vision = builder.load_vision(config, mcfg.vision, mesh)
-    params = builder.load_params(config, sources, mcfg, mesh, workdir=workdir, vision=vision[0])
-    builder.check_placed(params, builder.abstract_params(mcfg, mesh))
-    trainable, frozen = split_params(params, tuple(config.train.trainable))
-    frozen.update(builder.sea_tables(config, mcfg, tokenizer, params["llm"]["embedder"]["embedding"], mesh,
-                                     run.word_table_cache(config), vision))
-    del vision, params
-    logging.info("model loaded in %.1fs: trainable %s (%d params), frozen %s", time.time() - t0, sorted(trainable),
-                 metrics_lib.count_params(trainable), sorted(frozen))
-    shard_of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
-    state = init_state(trainable, tx, shard_of(program.state))
-    del trainable
+    with clock.phase("load"):
+        t0 = time.time()
+        vision = builder.load_vision(config, mcfg.vision, mesh)
+        params = builder.load_params(config, sources, mcfg, mesh, workdir=workdir, vision=vision[0])
+        builder.check_placed(params, builder.abstract_params(mcfg, mesh))
+        trainable, frozen = split_params(params, tuple(config.train.trainable))
+        frozen.update(builder.sea_tables(config, mcfg, tokenizer, params["llm"]["embedder"]["embedding"], mesh,
+                                         run.word_table_cache(config), vision))
+        del vision, params
+        logging.info("model loaded in %.1fs: trainable %s (%d params), frozen %s", time.time() - t0,
+                     sorted(trainable), metrics_lib.count_params(trainable), sorted(frozen))
+        shard_of = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
+        state = init_state(trainable, tx, shard_of(program.state))
+        del trainable
 
     # --- restore ---------------------------------------------------------------------------------
-    ckpt = ckpt_lib.Checkpointer(run.checkpoints, keep=int(config.train.keep_checkpoints),
-                                 async_save=bool(config.train.async_checkpoint))
-    restored = ckpt.restore(program.state.params, program.state.opt_state, data_iter)
+    with clock.phase("restore"):
+        ckpt = ckpt_lib.Checkpointer(run.checkpoints, keep=int(config.train.keep_checkpoints),
+                                     async_save=bool(config.train.async_checkpoint))
+        restored = ckpt.restore(program.state.params, program.state.opt_state, data_iter)
     start = 0
     if restored is not None:
         start = restored.step
         state = state.replace(step=jax.device_put(np.int32(start), program.state.step.sharding),
                               params=restored.params, opt_state=restored.opt_state)
         logging.info("resumed from step %d", start)
+    if is_main:
+        manifest.start(run.path, manifest.collect(config, mesh_shape=dict(mesh.shape), resumed_from=start))
 
-    # --- the loop --------------------------------------------------------------------------------
+    # --- side jobs -------------------------------------------------------------------------------
     def save(at: int) -> None:
-        meta = {"seed": int(config.seed), "process_count": jax.process_count(), "total_steps": steps,
-                "data": data_stats.as_dict()}
-        ckpt.save(at, state.params, state.opt_state, meta, data_iter)
+        with clock.phase("checkpoint"):
+            t = time.time()
+            meta = {"seed": int(config.seed), "process_count": jax.process_count(), "total_steps": steps,
+                    "data": data_stats.as_dict()}
+            ckpt.save(at, state.params, state.opt_state, meta, data_iter)
+            logging.info("checkpoint at step %d (%.1f s%s)", at, time.time() - t,
+                         ", written in the background" if config.train.async_checkpoint else "")
 
-    logger = metrics_lib.MetricsLogger(run.path, steps, start, enabled=is_main, progress=bool(config.train.progress))
-    log = hooks_lib.LogHook(logger, program.flops["total"], metrics_lib.peak_tflops(jax.devices()[0].device_kind),
-                            int(config.train.batch_size), data_stats.as_dict)
+    with clock.phase("logging"):  # opening W&B takes seconds
+        tracker = tracking.Tracker(run.path, config.log, start, enabled=is_main,
+                                   config_dict=json.loads(config.to_json()))
+    progress = progress_lib.Progress(steps, start, enabled=is_main and bool(config.train.progress),
+                                     every=int(config.log.progress_every))
+    log = hooks_lib.LogHook(tracker, progress, clock, program.flops["total"],
+                            metrics_lib.peak_tflops(jax.devices()[0].device_kind), int(config.train.batch_size),
+                            data_stats.as_dict, histograms=bool(config.log.histograms))
     preempt = ckpt_lib.PreemptionFlag().install()
     side = hooks_lib.Hooks()
+    side.add(log.collect)
     side.add(log, every=int(config.train.log_every))
+    profiler = None
+    if int(config.log.profile_start) > 0:
+        profiler = hooks_lib.ProfileHook(storage.join(run.path, "profile"), int(config.log.profile_start),
+                                         int(config.log.profile_steps), start, clock, state)
+        side.add(profiler)
+    if int(config.eval.every) > 0:
+        from sea_jax.eval.inloop import InLoopEval
+
+        evaluator = InLoopEval(config, mcfg, tokenizer, mesh, run.path)
+        side.add(hooks_lib.eval_hook(evaluator, frozen, tracker, clock), every=int(config.eval.every))
     side.add(hooks_lib.preemption_hook(preempt, save))
     if int(config.train.checkpoint_every) > 0:
         side.add(hooks_lib.checkpoint_hook(save), every=int(config.train.checkpoint_every))
-    extra = hooks or hooks_lib.Hooks()
+
+    # --- the loop --------------------------------------------------------------------------------
     local_rows = int(config.train.batch_size) // jax.process_count()
     step, stopped = start, "done"
     log.restart_clock(start)
     try:
-        while step < steps:
-            local = next(data_iter)
-            if np.shape(local["input_ids"])[0] != local_rows:
-                raise ValueError(f"the data gave {np.shape(local['input_ids'])[0]} rows, expected {local_rows}")
-            state, m = program.step(state, frozen, global_batch(local, program.batch))
-            step += 1
-            logger.advance()
-            info = hooks_lib.StepInfo(step, steps, state, m, local)
-            side.run(info)
-            extra.run(info)
+        with clock.phase("steps"):
+            while step < steps:
+                with clock.phase("data_wait"):
+                    local = next(data_iter)
+                if np.shape(local["input_ids"])[0] != local_rows:
+                    raise ValueError(f"the data gave {np.shape(local['input_ids'])[0]} rows, expected {local_rows}")
+                with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+                    state, m = program.step(state, frozen, global_batch(local, program.batch))
+                step += 1
+                progress.advance()
+                info = hooks_lib.StepInfo(step, steps, state, m, local)
+                side.run(info)
+                extra.run(info)
     except hooks_lib.StopTraining as stop:
         stopped = stop.reason
     finally:
         preempt.uninstall()
+        if profiler is not None:
+            profiler.close()
     if stopped == "done" and step not in ckpt.all_steps():
         save(step)
-    ckpt.close()
-    logger.close()
+    with clock.phase("checkpoint"):
+        ckpt.close()
+    progress.close()
     data_iter.close()
     stats = data_stats.as_dict()
     if stats.get("skipped_total"):
         logging.info("data: %d samples skipped: %s", stats["skipped_total"],
                      {k: v for k, v in stats.items() if k.startswith("skipped/") and v})
-    logging.info("stage %d %s at step %d/%d", config.stage, stopped, step, steps)
-    return dict(log.last, step=step, stopped=stopped, data=stats)
+    if is_main and int(config.log.probe_images) > 0 and jax.process_count() == 1:
+        with clock.phase("logging"):
+            tracker.image("probe", step, hooks_lib.probe_picture(workdir, int(config.stage),
+                                                                  int(config.log.probe_images), run.path))
+    summary = clock.summary()
+    tracker.summary({f"goodput/{k}": v for k, v in summary.items()}, step)
+    tracker.close()
+    if is_main:
+        manifest.finish(run.path, {"stopped": stopped, "step": step, "goodput": summary})
+    logging.info("stage %d %s at step %d/%d; %s", config.stage, stopped, step, steps, goodput.format_summary(summary))
+    return dict(log.last, step=step, stopped=stopped, data=stats, goodput=summary)
 
 
-__all__ = ["train", "check_paths", "plan", "compile_program", "global_batch", "Plan", "Program", "DEVICE_KEYS"]
+__all__ = ["train", "check_paths", "check_log_config", "plan", "compile_program", "global_batch", "Plan", "Program", "DEVICE_KEYS"]
