@@ -17,13 +17,22 @@ Slices are created as *queued resources* (the only way to get spot / reserved ca
 multi-host slices, and the object whose state tells us about preemption); ``--no-queued`` makes
 a plain TPU VM instead. Training resumes from the last checkpoint in ``--workdir`` by itself
 (``sea_jax.train`` restores the newest step there), so surviving preemption is: notice it,
-re-create the slice, reinstall, relaunch the same command.
+re-create the slice, reinstall, relaunch the same command. A run that hangs (alive, but no new
+``metrics.jsonl`` row for ``--heartbeat-timeout`` seconds) is killed and relaunched the same way.
+
+``gs://`` paths (``--workdir``, checkpoints, data) reach the trainer unchanged: it reads and writes
+them itself (Orbax's GCS support for checkpoints, gcsfs for the rest). Nothing is mounted with
+gcsfuse: Orbax finalises a save by renaming its ``*.orbax-checkpoint-tmp`` folder, which gcsfuse
+refuses by default (``rename-dir-limit`` 0) or does object by object, and gcsfuse uploads a file
+only when it is closed, so ``metrics.jsonl`` and TensorBoard would stay invisible while the run
+goes (launch_tpu/README.md, "Storage").
 """
 from __future__ import annotations
 
 import argparse
-import re
 import dataclasses
+import datetime
+import re
 import shlex
 import subprocess
 import sys
@@ -129,21 +138,11 @@ VENV = "~/sea_venv"
 RUN_DIR = "~/sea_run"
 
 
-# gcsfuse from Google's apt repository (Cloud Storage FUSE's documented install), skipped when present.
-GCSFUSE_INSTALL = (
-    "{ command -v gcsfuse >/dev/null || { "
-    "echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt "
-    "gcsfuse-$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && "
-    "curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && "
-    "sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }; }"
-)
-
-
 def install_cmds(args) -> list[list[str]]:
     """Ships the code (a ``git archive`` of HEAD, or a pip spec via ``--package``) and installs it
     with ``jax[tpu]`` into a venv on every worker. HEAD, not the dirty tree: what runs is a commit."""
     pip = f"{VENV}/bin/pip install -q"
-    setup = f"{GCSFUSE_INSTALL} && python3 -m venv {VENV} && {pip} -U pip && {pip} 'jax[tpu]=={args.jax_version}'"
+    setup = f"python3 -m venv {VENV} && {pip} -U pip && {pip} 'jax[tpu]=={args.jax_version}'"
     if args.package:
         return [ssh_cmd(args, f"{setup} && {pip} {shlex.quote(args.package)}")]
     tarball = "/tmp/sea_jax_src.tar.gz"
@@ -172,45 +171,20 @@ def env_vars(args) -> dict[str, str]:
     return env
 
 
-GCS_MOUNT = "/gcs"
+def trainer_flags(args) -> list[str]:
+    """The flags of ``python -m sea_jax.train``, the same on TPU VMs and under XPK. ``gs://`` paths
+    pass through unchanged: the trainer reads and writes them itself (README "Storage")."""
+    return [f"--config={args.config}", f"--workdir={args.workdir}", *(args.extra or ())]
 
 
-def _gcs_localize(arg: str) -> tuple[str, set[str]]:
-    """``gs://bucket/path`` anywhere in an argument (``--workdir=gs://b/r``) -> ``/gcs/bucket/path``,
-    and the buckets it names. sea_jax reads and writes plain files (HF folders, Orbax, logs), so
-    the workers mount every bucket a run names with gcsfuse and the run sees local paths."""
-    buckets: set[str] = set()
-
-    def repl(m):
-        buckets.add(m.group(1))
-        return f"{GCS_MOUNT}/{m.group(1)}"
-
-    return re.sub(r"gs://([a-z0-9][a-z0-9._-]*)", repl, arg), buckets
-
-
-def train_argv(args) -> tuple[list[str], set[str]]:
-    """(argv of ``python -m sea_jax.train`` with gs:// paths mounted, the buckets to mount)."""
-    argv, buckets = [], set()
-    for a in [f"--config={args.config}", f"--workdir={args.workdir}", *(args.extra or ())]:
-        local, b = _gcs_localize(a)
-        argv.append(local)
-        buckets |= b
-    return [f"{VENV}/bin/python", "-m", "sea_jax.train", *argv], buckets
-
-
-def mount_command(buckets: set[str]) -> str:
-    """Mounts each bucket at /gcs/<bucket> on a worker (idempotent: a mounted one is left alone)."""
-    return " && ".join(
-        f"sudo mkdir -p {GCS_MOUNT}/{b} && sudo chown $USER {GCS_MOUNT}/{b} && "
-        f"{{ mountpoint -q {GCS_MOUNT}/{b} || gcsfuse --implicit-dirs {b} {GCS_MOUNT}/{b}; }}"
-        for b in sorted(buckets)
-    )
+def train_argv(args) -> list[str]:
+    """argv of ``python -m sea_jax.train`` on a TPU VM worker (the venv ``install`` made)."""
+    return [f"{VENV}/bin/python", "-m", "sea_jax.train", *trainer_flags(args)]
 
 
 def train_command(args) -> str:
     """``python -m sea_jax.train`` as every worker runs it (same argv on all workers: JAX is SPMD)."""
-    argv, _ = train_argv(args)
-    return " ".join(shlex.quote(a) if not a.startswith("~/") else a for a in argv)
+    return " ".join(shlex.quote(a) if not a.startswith("~/") else a for a in train_argv(args))
 
 
 def train_cmds(args) -> list[list[str]]:
@@ -226,11 +200,9 @@ def train_cmds(args) -> list[list[str]]:
     # after worker 0 crashed): setsid made its shell a process-group leader, so the group is
     # killed by the pid it recorded, nothing else.
     stop = f"if [ -f {RUN_DIR}/pid ]; then kill -- -$(cat {RUN_DIR}/pid) 2>/dev/null; sleep 5; fi"
-    _, buckets = train_argv(args)
-    mounts = f"{mount_command(buckets)} && " if buckets else ""
     remote = (
         f"mkdir -p {RUN_DIR} && {{ {stop}; }}; rm -f {RUN_DIR}/exit_code {RUN_DIR}/pid"
-        f" && {mounts}setsid nohup bash -c {shlex.quote(inner)} > /dev/null 2>&1 < /dev/null &"
+        f" && setsid nohup bash -c {shlex.quote(inner)} > /dev/null 2>&1 < /dev/null &"
     )
     return [ssh_cmd(args, remote)]
 
@@ -242,6 +214,39 @@ def logs_cmd(args) -> list[str]:
 
 def exit_code_cmd(args) -> list[str]:
     return ssh_cmd(args, f"cat {RUN_DIR}/exit_code 2>/dev/null || echo running", worker="0")
+
+
+def heartbeat_cmd(args) -> list[str] | None:
+    """Lists the run's ``metrics.jsonl`` objects with their times (``gcloud storage ls -l``: size,
+    time, URL). The trainer writes a new object generation for every logged row
+    (``sea_jax.storage.AppendLog``), so an object's time is the time of its newest row: the run's
+    heartbeat. ``stage*``: the config, not the launcher, knows the stage; the newest log counts.
+    None for a workdir off GCS (on a VM's disk it would not survive a re-created slice anyway)."""
+    if not args.workdir.startswith("gs://"):
+        return None
+    return ["gcloud", "storage", "ls", "-l", f"{args.workdir.rstrip('/')}/stage*/metrics.jsonl"]
+
+
+# An RFC 3339 time as listings print it: 2026-01-31T18:38:20Z, ...20.123Z, ...20+0000, ...20+00:00.
+_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:?\d\d)?")
+
+
+def newest_time(listing: str) -> float | None:
+    """The newest time in a listing, in epoch seconds (UTC where no zone is printed); None when it
+    has none (no row logged yet, or the listing failed)."""
+    times = [
+        datetime.datetime.strptime(m.group(1) + (m.group(2) or "Z"), "%Y-%m-%dT%H:%M:%S%z").timestamp()
+        for m in _RFC3339.finditer(listing)
+    ]
+    return max(times, default=None)
+
+
+def kill_cmd(args) -> list[str]:
+    """Kills the trainer on every worker before a hung run is relaunched. SIGKILL: a process stuck
+    in a collective or in the TPU driver may ignore SIGTERM, and while it lives it holds the chips,
+    so the relaunch could not open them. ``[s]``: the pattern must not match the remote shell that
+    runs pkill (its command line holds the pattern, not ``sea_jax.train``)."""
+    return ssh_cmd(args, "pkill -9 -f '[s]ea_jax.train'")
 
 
 def delete_cmds(args) -> list[list[str]]:
@@ -265,9 +270,8 @@ def xpk_cmds(args) -> list[list[str]]:
     if args.reserved:
         cluster.append(f"--reservation={args.reservation}" if args.reservation else "--on-demand")
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in env_vars(args).items())
-    command = f"env {env} python -m sea_jax.train --config={args.config} --workdir={args.workdir}"
-    if args.extra:
-        command += " " + " ".join(shlex.quote(a) for a in args.extra)
+    # The image's python; gs:// paths unchanged (the pods mount nothing, the trainer reads GCS).
+    command = f"env {env} python -m sea_jax.train " + " ".join(shlex.quote(a) for a in trainer_flags(args))
     workload = ["xpk", "workload", "create", f"--cluster={args.cluster}", f"--workload={args.name}",
                 f"--tpu-type={s.accelerator_type}", f"--num-slices={args.num_slices}",
                 f"--docker-image={args.image}", f"--max-restarts={args.max_restarts}", f"--command={command}",
@@ -333,28 +337,68 @@ def bring_up(runner: Runner, args) -> None:
     raise SystemExit(f"could not bring up {args.name} after {args.max_recreates + 1} attempts")
 
 
-def supervise(runner: Runner, args) -> int:
-    """create -> install -> train, then watch: the slice's state and worker 0's exit code.
+def launch(runner: Runner, args, clock) -> float:
+    """Starts training on the slice; returns the launch time, from which the heartbeat's age counts
+    until the run logs a row (before its first row a run compiles and restores a checkpoint)."""
+    for c in train_cmds(args):
+        runner.run(c)
+    return clock()
+
+
+def stale_heartbeat(runner: Runner, args, launched: float, now: float) -> str:
+    """Why the running job counts as hung, or "" while it is alive: its newest ``metrics.jsonl``
+    row, or its launch when it has logged no row since (compiling, restoring a checkpoint, or
+    stuck before the first step), is more than ``--heartbeat-timeout`` seconds old."""
+    cmd = heartbeat_cmd(args)
+    if cmd is None or args.heartbeat_timeout <= 0:
+        return ""
+    beat = newest_time(runner.output(cmd))
+    if beat is not None and beat > launched:
+        age, since = now - beat, "the newest metrics.jsonl row"
+    else:
+        # An empty listing is also what a failed one looks like: say so, the user can check.
+        age, since = now - launched, f"the launch, and no metrics.jsonl row since (does `{shlex.join(cmd)}` work here?)"
+    if age <= args.heartbeat_timeout:
+        return ""
+    return f"heartbeat stale: {age:.0f} s since {since} > --heartbeat-timeout={args.heartbeat_timeout:g}"
+
+
+def show_recovery(runner: Runner, args) -> None:
+    """``--dry-run``: one pass of each recovery branch, printed."""
+    print("# on FAILED/SUSPENDED/PREEMPTED:", file=runner.out)
+    for c in delete_cmds(args) + create_cmds(args) + install_cmds(args) + train_cmds(args):
+        runner.show(c)
+    print("# while running, every --poll seconds:", file=runner.out)
+    runner.show(state_cmd(args))
+    runner.show(exit_code_cmd(args))
+    cmd = heartbeat_cmd(args)
+    if cmd is None or args.heartbeat_timeout <= 0:
+        print("# no heartbeat check (--heartbeat-timeout=0, or --workdir is not gs://)", file=runner.out)
+        return
+    runner.show(cmd)
+    print(f"# when the newest metrics.jsonl row (or the launch) is over {args.heartbeat_timeout:g} s old:",
+          file=runner.out)
+    for c in [kill_cmd(args)] + train_cmds(args):
+        runner.show(c)
+
+
+def supervise(runner: Runner, args, clock=time.time) -> int:
+    """create -> install -> train, then watch: the slice's state, worker 0's exit code and the
+    run's heartbeat (``clock``: the current time in epoch seconds; tests pass a fake one).
 
     * state FAILED / SUSPENDED / PREEMPTED (or gone): delete, re-create, reinstall, relaunch; the
       run restores its last checkpoint from ``--workdir``.
     * exit code 0: done (the slice is deleted unless ``--keep``).
-    * another exit code (a crash, or a worker lost its peers): relaunch on the same slice, at most
-      ``--max-relaunches`` times, since a deterministic bug would otherwise loop forever.
+    * another exit code (a crash, or a worker lost its peers), or still running with a stale
+      heartbeat (a hang: see :func:`stale_heartbeat`; the trainer is killed first): relaunch on the
+      same slice, at most ``--max-relaunches`` times, since a deterministic bug would otherwise
+      loop forever.
     In ``--dry-run`` one pass of each branch is printed, nothing is polled.
     """
     bring_up(runner, args)
-    for c in train_cmds(args):
-        runner.run(c)
+    launched = launch(runner, args, clock)
     if runner.dry_run:
-        print("# on FAILED/SUSPENDED/PREEMPTED:", file=runner.out)
-        for c in delete_cmds(args):
-            runner.show(c)
-        for c in create_cmds(args) + install_cmds(args) + train_cmds(args):
-            runner.show(c)
-        print("# while running, every --poll seconds:", file=runner.out)
-        runner.show(state_cmd(args))
-        runner.show(exit_code_cmd(args))
+        show_recovery(runner, args)
         return 0
     relaunches = recreates = 0
     while True:
@@ -368,27 +412,30 @@ def supervise(runner: Runner, args) -> int:
             for c in delete_cmds(args):
                 runner.run(c, check=False)
             bring_up(runner, args)
-            for c in train_cmds(args):
-                runner.run(c)
+            launched = launch(runner, args, clock)
             continue
         if state not in UP_STATES:
             continue  # PROVISIONING, WAITING_FOR_RESOURCES, ... (a queued resource being restored)
         code = runner.output(exit_code_cmd(args))
-        if code in ("", "running"):
-            continue
+        if code == "":
+            continue  # worker 0 unreachable this time
         if code == "0":
             print("training finished", file=sys.stderr)
             if not args.keep:
                 for c in delete_cmds(args):
                     runner.run(c, check=False)
             return 0
+        why = stale_heartbeat(runner, args, launched, clock()) if code == "running" else f"training exited with {code}"
+        if not why:
+            continue
         relaunches += 1
         if relaunches > args.max_relaunches:
-            print(f"training exited with {code} {relaunches} times; giving up (slice kept)", file=sys.stderr)
+            print(f"{why}; relaunched {args.max_relaunches} times already; giving up (slice kept)", file=sys.stderr)
             return 1
-        print(f"training exited with {code}; relaunching ({relaunches})", file=sys.stderr)
-        for c in train_cmds(args):
-            runner.run(c)
+        print(f"{why}; relaunching ({relaunches})", file=sys.stderr)
+        if code == "running":
+            runner.run(kill_cmd(args), check=False)  # pkill exits 1 when the process already died
+        launched = launch(runner, args, clock)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,6 +475,9 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-recreates", type=int, default=20)
         sp.add_argument("--max-relaunches", type=int, default=3)
         sp.add_argument("--keep", action="store_true", help="keep the slice when training finishes")
+        sp.add_argument("--heartbeat-timeout", type=float, default=1800.0,
+                        help="seconds without a new metrics.jsonl row (or since the launch) after which a running "
+                             "job counts as hung: killed and relaunched (0: never)")
 
     sp = sub.add_parser("create", help="create the slice (and wait until it is up)")
     common(sp), capacity(sp)

@@ -97,21 +97,50 @@ class Sources:
     image_token_id: int | None = None
 
 
+# Files of a model folder that are weights: everything else (config, tokenizer) is small.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".npz", ".pt", ".pth", ".msgpack", ".h5", ".gguf")
+
+
+def local_path(path: str, weights: bool = True) -> str:
+    """``path`` itself when local; for ``gs://`` a host-local copy of the file or folder
+    (:func:`sea_jax.storage.local_copy`: cached by the objects' sizes and generations, so a
+    restarted run downloads nothing again). ``weights=False`` copies only a folder's small files
+    (config and tokenizer files, not :data:`WEIGHT_SUFFIXES`): what reading a tokenizer needs.
+
+    Model checkpoints are read by libraries that want local files (safetensors' memory map,
+    tokenizers, numpy's ``.npz``), hence the copy; the run's own outputs are written to the bucket
+    directly (:mod:`sea_jax.storage`, Orbax)."""
+    from sea_jax import storage
+
+    if not storage.is_remote(path):
+        return path
+    if weights or not storage.isdir(path):
+        return storage.local_copy(path)
+    names = [n for n in storage.listdir(path) if not n.endswith(WEIGHT_SUFFIXES)]
+    copies = [storage.local_copy(storage.join(path, n)) for n in names if storage.isfile(storage.join(path, n))]
+    if not copies:
+        raise PathError(f"{path}: no config or tokenizer files in this folder")
+    return os.path.dirname(copies[0])
+
+
 def _read_json(path: str, field: str) -> dict:
-    if not os.path.exists(path):
+    from sea_jax import storage
+
+    if not storage.exists(path):
         raise PathError(f"config.{field}: {path} does not exist (expected a Hugging Face model folder)")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config.{field}: {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    try:
+        return json.loads(storage.read_text(path))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config.{field}: {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
 
 
 def read_vision_hf(config) -> dict | None:
     """The vision checkpoint's config.json when it is an HF folder, else None."""
+    from sea_jax import storage
+
     vis = config.vision.checkpoint
-    if config_lib.is_set(vis) and os.path.isdir(vis):
-        return _read_json(os.path.join(vis, "config.json"), "vision.checkpoint")
+    if config_lib.is_set(vis) and storage.isdir(vis):
+        return _read_json(storage.join(vis, "config.json"), "vision.checkpoint")
     return None
 
 
@@ -122,7 +151,7 @@ def read_sources(config, tokenizer: Any | None = None) -> Sources:
     it is read when ``llm.tokenizer`` or ``llm.checkpoint`` is a real path, else the preset's
     :data:`PRESET_TOKENIZER_LEN` is used.
     """
-    llm_hf = _read_json(os.path.join(config.llm.checkpoint, "config.json"), "llm.checkpoint") \
+    llm_hf = _read_json(config.llm.checkpoint.rstrip("/") + "/config.json", "llm.checkpoint") \
         if config_lib.is_set(config.llm.checkpoint) else None
     vision_hf = read_vision_hf(config)
     if tokenizer is None and (config_lib.is_set(config.llm.tokenizer) or config_lib.is_set(config.llm.checkpoint)):
@@ -275,7 +304,7 @@ def load_llm_tokenizer(config, add_image_token: bool = True):
     path = config.llm.tokenizer or config.llm.checkpoint
     if not config_lib.is_set(path):
         raise PathError("config.llm.tokenizer is empty and so is config.llm.checkpoint; set --config.llm.tokenizer=...")
-    tok = load_tokenizer(path)
+    tok = load_tokenizer(local_path(path, weights=False))
     chat = config.data.chat_template
     if chat == "vicuna_v1":
         tok.chat_template = llava.VICUNA_V1_TEMPLATE
@@ -293,6 +322,8 @@ def load_vision_tokenizer(config):
     from sea_jax.align import semantic_labels as L
 
     path = config.vision.tokenizer or config.vision.checkpoint
+    if config_lib.is_set(path):
+        path = local_path(path, weights=False)
     if os.path.isdir(path):
         from transformers import AutoTokenizer
 
@@ -362,6 +393,7 @@ def load_vision(config, mcfg_vision, mesh: Mesh) -> tuple[dict, str]:
 
     ckpt = config.vision.checkpoint
     if config_lib.is_set(ckpt):
+        ckpt = local_path(ckpt)
         if config.vision.tower == "clip":
             from sea_jax.convert import hf_clip
 
@@ -409,7 +441,7 @@ def load_llm(config, sources: Sources, mcfg: MLLMConfig, mesh: Mesh) -> dict:
     if sources.llm_hf is not None:
         from sea_jax.convert import hf_llm, mapping
 
-        params = hf_llm.load_params(base, mapping.SafetensorsReader(config.llm.checkpoint), mesh=mesh)
+        params = hf_llm.load_params(base, mapping.SafetensorsReader(local_path(config.llm.checkpoint)), mesh=mesh)
     else:
         params = llm_lib.init_params(base, jax.random.key(int(config.seed) + 2), mesh)
     if mcfg.llm.vocab_size != base.vocab_size:
@@ -503,14 +535,15 @@ def needs_word_table(config) -> bool:
 def word_list(config) -> list[str]:
     """The label vocabulary: the config's word list, or, with precomputed labels, the labeller's
     ``words.txt`` (label ids index it; a different list would silently mislabel)."""
+    from sea_jax import storage
     from sea_jax.align import semantic_labels as L
 
     if config.sea.label_source == "batch":
-        path = os.path.join(config.labels.output_dir, "words.txt")
-        if not os.path.exists(path):
+        path = storage.join(config.labels.output_dir, "words.txt")
+        if not storage.exists(path):
             raise PathError(f"config.labels.output_dir: {path} missing; it must hold `sea_jax.labels` output")
         return L.load_word_list(path)
-    if config.labels.word_list != "default" and not os.path.exists(config.labels.word_list):
+    if config.labels.word_list != "default" and not storage.exists(config.labels.word_list):
         raise PathError(f"config.labels.word_list={config.labels.word_list!r} does not exist")
     return L.resolve_word_list(config.labels.word_list, int(config.labels.default_size))
 
@@ -730,7 +763,7 @@ def load_trained(workdir: str, *, stage: int | None = None, step: int | None = N
     if mesh is None:
         mesh = sharding.make_mesh({"data": 1}, jax.local_devices()[:1])
     # the tokenizer the run saved: <image> added, the chat template it trained with
-    tokenizer = load_tokenizer(run.tokenizer) if os.path.isdir(run.tokenizer) else load_llm_tokenizer(config)
+    tokenizer = load_tokenizer(local_path(run.tokenizer)) if run.has_tokenizer() else load_llm_tokenizer(config)
     sources = read_sources(config, tokenizer)
     mcfg = model_config(config, sources)
     frozen = load_params(config, sources, mcfg, mesh, parts=[p for p in PARTS if p not in trained],

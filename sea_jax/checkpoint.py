@@ -113,8 +113,9 @@ class Checkpointer:
     """A run's checkpoints under ``directory`` (``<run>/checkpoints``).
 
     Args:
-      directory: a local path (or a gcsfuse mount). Orbax itself can write ``gs://`` through
-        ``etils.epath``, which needs a GCS backend (gcsfs or TensorFlow) not among our dependencies.
+      directory: a local path or ``gs://bucket/prefix``: Orbax writes arrays through tensorstore's
+        GCS driver and its metadata through ``etils.epath`` (gcsfs backend), and finalises a save
+        by its commit marker rather than by renaming a folder as on a local disk.
       keep: newest checkpoints kept (older ones deleted after a new one is committed).
       async_save: write in a background thread; the call returns once arrays are copied to host.
     """

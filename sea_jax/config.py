@@ -10,7 +10,8 @@ same names. Typed views validated once live next to their users (``StepConfig.fr
 
 Paths: a path field may be empty (unused, or a default derived from the workdir) or a
 *placeholder* (``SET_ME:<what to put here>``, :data:`PLACEHOLDER`) that recipes ship so a forgotten
-path fails with a message naming the field. :func:`is_set` tells a real path from both.
+path fails with a message naming the field. :func:`is_set` tells a real path from both. Every
+real path may be local or ``gs://bucket/key`` (:mod:`sea_jax.storage`).
 
 A run saves its resolved config as ``config.json`` in its run folder (:mod:`sea_jax.rundir`);
 :func:`from_json` reads it back onto the current schema, so a run saved by an older version (with

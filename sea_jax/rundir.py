@@ -21,18 +21,31 @@ A *workdir* (``--workdir``) holds both stages of one model; each stage is a *run
       demo_assets/               the embedded demo's world and pretrained towers (configs/demo.py)
 
 Everything that needs one of these paths asks :class:`RunDir` (or :func:`init_from_run`) for it.
+A workdir may be local or ``gs://bucket/prefix`` (:mod:`sea_jax.storage`); the paths it gives are
+of the same kind.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 
 import ml_collections
 
 from sea_jax import config as config_lib
+from sea_jax import storage
 from sea_jax.errors import PathError
 
 STAGES = (1, 2)
+
+
+def normalize(path: str) -> str:
+    """``path`` without a trailing slash or ``.``/``..`` segments; ``gs://`` kept as it is
+    (``os.path.normpath`` would turn ``gs://b`` into ``gs:/b``)."""
+    if storage.is_remote(path):
+        bucket_and_key = path[len("gs://"):].strip("/")
+        return "gs://" + posixpath.normpath(bucket_and_key)
+    return os.path.normpath(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,71 +62,79 @@ class RunDir:
 
     @property
     def path(self) -> str:
-        return os.path.join(self.workdir, f"stage{int(self.stage)}")
+        return storage.join(self.workdir, f"stage{int(self.stage)}")
 
     @property
     def config_json(self) -> str:
-        return os.path.join(self.path, "config.json")
+        return storage.join(self.path, "config.json")
 
     @property
     def tokenizer(self) -> str:
-        return os.path.join(self.path, "tokenizer")
+        return storage.join(self.path, "tokenizer")
 
     @property
     def checkpoints(self) -> str:
-        return os.path.join(self.path, "checkpoints")
+        return storage.join(self.path, "checkpoints")
 
     @property
     def metrics_jsonl(self) -> str:
-        return os.path.join(self.path, "metrics.jsonl")
+        return storage.join(self.path, "metrics.jsonl")
 
     @property
     def tensorboard(self) -> str:
-        return os.path.join(self.path, "tensorboard")
+        return storage.join(self.path, "tensorboard")
 
     @property
     def probe_truth(self) -> str:
         """``<workdir>/probe_truth.npz``: per-patch true words for ``python -m sea_jax.probe``."""
-        return os.path.join(self.workdir, "probe_truth.npz")
+        return storage.join(self.workdir, "probe_truth.npz")
 
     def word_table_cache(self, config) -> str:
         """``labels.cache_dir``, or this run's ``word_table_cache/``."""
-        return config.labels.cache_dir or os.path.join(self.path, "word_table_cache")
+        return config.labels.cache_dir or storage.join(self.path, "word_table_cache")
 
     def exists(self) -> bool:
         """True when the run was started (its config was written)."""
-        return os.path.exists(self.config_json)
+        return storage.exists(self.config_json)
 
     def has_checkpoints(self) -> bool:
         d = self.checkpoints
-        return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+        return storage.isdir(d) and any(n.isdigit() for n in storage.listdir(d))
+
+    def has_tokenizer(self) -> bool:
+        """True when the run saved its tokenizer (``<image>`` added, its chat template)."""
+        return storage.isdir(self.tokenizer)
 
     def save_config(self, config: ml_collections.ConfigDict) -> None:
-        os.makedirs(self.path, exist_ok=True)
-        with open(self.config_json, "w", encoding="utf-8") as f:
-            f.write(config.to_json(indent=1))
+        storage.makedirs(self.path)
+        storage.atomic_write(self.config_json, lambda f: f.write(config.to_json(indent=1)))
+
+    def save_tokenizer(self, tokenizer) -> None:
+        """Saves the LLM tokenizer as trained into the run folder (through a local folder for ``gs://``:
+        ``save_pretrained`` writes local files)."""
+        with storage.as_local(self.tokenizer, write=True) as local:
+            tokenizer.save_pretrained(local)
 
     def load_config(self) -> ml_collections.ConfigDict:
         """The config the run was started with (on the current schema, :func:`sea_jax.config.from_json`)."""
-        if not os.path.exists(self.config_json):
+        if not storage.exists(self.config_json):
             raise PathError(f"{self.config_json} missing: is {self.path!r} a sea_jax.train run folder?")
-        with open(self.config_json, encoding="utf-8") as f:
-            return config_lib.from_json(f.read(), self.config_json)
+        return config_lib.from_json(storage.read_text(self.config_json), self.config_json)
 
     @classmethod
     def find(cls, path: str, stage: int | None = None) -> "RunDir":
         """The run folder named by ``path``: a workdir (its ``stage`` run, default the highest that
         has a config) or a run folder itself (``.../stage1``)."""
-        path = os.path.normpath(path)
-        base = os.path.basename(path)
-        if base.startswith("stage") and base[5:].isdigit() and os.path.exists(os.path.join(path, "config.json")):
+        path = normalize(path)
+        base = posixpath.basename(path)
+        if base.startswith("stage") and base[5:].isdigit() and storage.exists(storage.join(path, "config.json")):
             if stage is not None and int(base[5:]) != int(stage):
                 raise PathError(f"{path!r} is the stage-{base[5:]} run, not stage {stage}")
-            return cls(os.path.dirname(path), int(base[5:]))
+            return cls(posixpath.dirname(path), int(base[5:]))
         if stage is not None:
             return cls(path, int(stage))
         for s in reversed(STAGES):
-            if os.path.exists(os.path.join(path, f"stage{s}", "config.json")):
+            if storage.exists(storage.join(path, f"stage{s}", "config.json")):
                 return cls(path, s)
         raise PathError(f"{path!r} is not a sea_jax.train workdir (no stage1/ or stage2/ with a config.json)")
 
@@ -129,9 +150,9 @@ def init_from_run(config, workdir: str | None) -> RunDir | None:
     src = config.train.init_from
     if not src:
         return RunDir(workdir, 1) if workdir else None
-    src = os.path.normpath(src)
-    if os.path.basename(src) == "stage1" and not os.path.isdir(os.path.join(src, "stage1")):
-        return RunDir(os.path.dirname(src), 1)  # the run folder itself
+    src = normalize(src)
+    if posixpath.basename(src) == "stage1" and not storage.isdir(storage.join(src, "stage1")):
+        return RunDir(posixpath.dirname(src), 1)  # the run folder itself
     return RunDir(src, 1)
 
 

@@ -45,6 +45,7 @@ import json
 import os
 import posixpath
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -278,6 +279,25 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[Any]], Any], mo
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_writable(folder: str | os.PathLike) -> str | None:
+    """None when a file can be created and deleted in ``folder`` (created if missing), else why
+    not, in words. Writes and removes one small probe object named for this host and process, so
+    concurrent callers do not collide. For ``gs://``: a missing bucket, no permission (HTTP 403)
+    or a refused connection all come back as the reason."""
+    probe = join(folder, f".sea_jax_write_probe-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        makedirs(folder)
+        write_text(probe, "ok\n")
+        remove(probe)
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - gcsfs's HttpError is a bare Exception subclass
+        if type(e).__module__.startswith(("gcsfs", "google", "aiohttp")):
+            return f"{type(e).__name__}: {e}"
+        raise
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ the word table, its vision tower + the per-patch MAP head for the patches, and `
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,7 +248,8 @@ def test_kill_and_resume(assets, expected, tmp_path):
         rel = os.path.relpath(dirpath, assets["images"])
         os.makedirs(img_root / rel, exist_ok=True)
         for f in files:
-            os.symlink(os.path.join(dirpath, f), img_root / rel / f)
+            # copies, not symlinks: a symlink leaving the image root is refused (never opened)
+            shutil.copy(os.path.join(dirpath, f), img_root / rel / f)
     blocker = assets["names"][4]  # unique image 6 of 8 (the corrupt one is 4th): shard 5
     os.remove(img_root / blocker)
     os.mkfifo(img_root / blocker)
@@ -270,7 +272,7 @@ def test_kill_and_resume(assets, expected, tmp_path):
     assert not (out_dir / "summary.json").exists()
 
     os.remove(img_root / blocker)
-    os.symlink(os.path.join(assets["images"], blocker), img_root / blocker)
+    shutil.copy(os.path.join(assets["images"], blocker), img_root / blocker)
     c = _config(assets, **{"data.image_root": str(img_root), "labels.shard_size": 1})
     summary = cli.label_dataset(c, str(workdir))
     assert summary["images_labelled"] == 7 and summary["bad_images"] == 1
@@ -311,3 +313,27 @@ def test_big_vision_npz_and_sentencepiece_file(assets, expected, tmp_path):
     summary = cli.label_dataset(c, str(tmp_path))
     assert summary["images_labelled"] == 7
     _check_against_expected(_labels_by_image(tmp_path / "labels"), expected)
+
+
+def test_image_paths_leaving_the_root_are_bad_images_never_opened(assets, tmp_path):
+    """``..``, an absolute path and a symlink out of the image root: each a bad image, named and
+    counted in the summary, none opened (the files outside are valid images, so labelling them
+    would succeed if they were read)."""
+    root = tmp_path / "images"
+    shutil.copytree(assets["images"], root)
+    outside = tmp_path / "outside.png"
+    shutil.copy(root / assets["names"][0], outside)
+    os.symlink(outside, root / "link.png")
+    records = json.loads(open(assets["json"]).read())
+    records += [{"id": "dotdot", "image": "../outside.png", "conversations": []},
+                {"id": "absolute", "image": str(outside), "conversations": []},
+                {"id": "symlink", "image": "link.png", "conversations": []}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    summary = cli.label_dataset(_config(assets, **{"data.json": str(data), "data.image_root": str(root)}),
+                                str(tmp_path / "run"))
+    bad = {tuple(b["samples"]): b["reason"] for b in summary["bad_image_list"]}
+    assert set(bad) == {("broken",), ("dotdot",), ("absolute",), ("symlink",)}, bad
+    assert "outside the image root" in bad[("symlink",)] and "'..'" not in bad[("broken",)]
+    assert "absolute" in bad[("absolute",)].lower() or "outside" in bad[("absolute",)]
+    assert summary["images_labelled"] == 7  # the escaping three were not labelled

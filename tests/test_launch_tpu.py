@@ -3,7 +3,10 @@
 The script is run as a subprocess (as a user runs it) and its printed commands are compared
 token by token, so a changed flag, zone, worker selector or env var fails here.
 """
+import datetime
 import importlib.util
+import json
+import os
 import pathlib
 import shlex
 import subprocess
@@ -110,25 +113,36 @@ def test_train_starts_all_workers_with_env_and_extra_flags():
     inner = shlex.split(remote.split("setsid nohup bash -c ", 1)[1])[0]
     assert inner.startswith("echo $$ > ~/sea_run/pid; cd ~/sea_jax && env PYTHONUNBUFFERED=1 TPU_STDERR_LOG_LEVEL=2 "
                             "TF_CPP_MIN_LOG_LEVEL=2 LIBTPU_INIT_ARGS=--xla_tpu_enable_data_parallel_all_reduce_opt=true ")
-    # gs:// paths become the workers' gcsfuse mounts (sea_jax reads and writes plain files)
-    assert ("~/sea_venv/bin/python -m sea_jax.train --config=configs/gemma2b.py --workdir=/gcs/b/run1 "
+    # gs:// paths reach the trainer unchanged: it writes checkpoints and logs to GCS itself
+    assert ("~/sea_venv/bin/python -m sea_jax.train --config=configs/gemma2b.py --workdir=gs://b/run1 "
             "--config.train.batch_size=128 > ~/sea_run/train.log 2>&1; echo $? > ~/sea_run/exit_code") in inner
     assert remote.startswith("mkdir -p ~/sea_run && { if [ -f ~/sea_run/pid ]; then kill -- -$(cat ~/sea_run/pid)")
-    assert ("sudo mkdir -p /gcs/b && sudo chown $USER /gcs/b && { mountpoint -q /gcs/b || "
-            "gcsfuse --implicit-dirs b /gcs/b; } && setsid nohup") in remote
+    assert "rm -f ~/sea_run/exit_code ~/sea_run/pid && setsid nohup bash -c " in remote
 
 
-def test_every_bucket_a_run_names_is_mounted():
+def test_gs_paths_pass_through_and_nothing_is_mounted():
     cmds = dry("train", "--name=s", "--slice=v4-8", "--config=configs/gemma2b.py", "--workdir=gs://runs/r1", "--",
                "--config.llm.checkpoint=gs://models/gemma-2b", "--config.data.json=/local/data.json")
     remote = cmds[0][8].removeprefix("--command=")
-    assert remote.count("gcsfuse --implicit-dirs") == 2
-    assert "gcsfuse --implicit-dirs models /gcs/models" in remote and "gcsfuse --implicit-dirs runs /gcs/runs" in remote
-    assert "--config.llm.checkpoint=/gcs/models/gemma-2b --config.data.json=/local/data.json" in remote
-    assert "gs://" not in remote
-    # local paths only: nothing to mount
-    local = dry("train", "--name=s", "--slice=v4-8", "--config=c.py", "--workdir=/mnt/run")[0][8]
-    assert "gcsfuse" not in local
+    assert ("-m sea_jax.train --config=configs/gemma2b.py --workdir=gs://runs/r1 "
+            "--config.llm.checkpoint=gs://models/gemma-2b --config.data.json=/local/data.json >") in remote
+    assert "gcsfuse" not in remote and "/gcs/" not in remote and "mountpoint" not in remote
+
+
+def test_v4_32_gs_paths_are_never_rewritten():
+    """Every command a v4-32 run prints (install, train, supervise with its recovery and heartbeat
+    paths) keeps gs:// as given: no gcsfuse install, no mount, no /gcs/ path."""
+    flags = ["--config=configs/gemma2b.py", "--workdir=gs://runs/g2b", "--",
+             "--config.llm.checkpoint=gs://models/gemma-2b", "--config.data.image_root=gs://data/images"]
+    out = [dry("install", "--name=s", "--slice=v4-32"), dry("train", "--name=s", "--slice=v4-32", *flags),
+           dry("supervise", "--name=s", "--slice=v4-32", "--spot", *flags)]
+    text = json.dumps(out)
+    assert "gcsfuse" not in text and "/gcs/" not in text and "mountpoint" not in text
+    launches = [c[-1] for cmds in out for c in cmds if "sea_jax.train --config" in c[-1]]
+    assert len(launches) == 4  # train; supervise: launch, after preemption, after a stale heartbeat
+    for remote in launches:
+        assert ("--workdir=gs://runs/g2b --config.llm.checkpoint=gs://models/gemma-2b "
+                "--config.data.image_root=gs://data/images") in remote
 
 
 def test_logs_follow_worker_zero_by_default():
@@ -152,6 +166,7 @@ def test_supervise_dry_run_shows_recovery_path():
     ).stdout
     head, recovery = out.split("# on FAILED/SUSPENDED/PREEMPTED:\n")
     recovery, polling = recovery.split("# while running, every --poll seconds:\n")
+    polling, stale = polling.split("# when the newest metrics.jsonl row (or the launch) is over 1800 s old:\n")
     first = [shlex.split(line) for line in head.splitlines()]
     assert first[0][4] == "create" and first[1][4] == "describe" and first[1][-1] == "--format=value(state.state)"
     assert first[-1][4] == "ssh" and "sea_jax.train" in first[-1][-1]
@@ -160,23 +175,85 @@ def test_supervise_dry_run_shows_recovery_path():
     assert rec[0][3:5] == ["queued-resources", "delete"] and rec[1:] == first[:1] + first[2:]
     poll = [shlex.split(line) for line in polling.splitlines()]
     assert poll[1][7] == "--worker=0" and "exit_code" in poll[1][8]
+    # the heartbeat: the times of the run's metrics.jsonl objects (one per stage), read from GCS
+    assert poll[2] == ["gcloud", "storage", "ls", "-l", "gs://b/r/stage*/metrics.jsonl"] and len(poll) == 3
+    # a hung run: its trainer killed on every worker, then the same launch (it resumes from the checkpoint)
+    hung = [shlex.split(line) for line in stale.splitlines()]
+    assert hung == [["gcloud", "compute", "tpus", "tpu-vm", "ssh", "r", "--zone=us-central2-b", "--worker=all",
+                     "--command=pkill -9 -f '[s]ea_jax.train'"], first[-1]]
+
+
+def test_supervise_dry_run_without_heartbeat():
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "supervise", "--name=r", "--slice=v4-8", "--config=c.py", "--workdir=gs://b/r",
+         "--heartbeat-timeout=0", "--dry-run"], check=False, capture_output=True, text=True, timeout=60,
+    ).stdout
+    assert "# no heartbeat check" in out and "gcloud storage" not in out and "pkill" not in out
+
+
+@pytest.mark.parametrize("listing, expected", [
+    ("", None),
+    ("ERROR: (gcloud.storage.ls) One or more URLs matched no objects.", None),
+    # gcloud storage ls -l: size, time, URL per object, then a total
+    (("     10  2026-01-31T18:38:20Z  gs://b/r/stage1/metrics.jsonl\n"
+      "   2048  2026-02-01T09:00:05Z  gs://b/r/stage2/metrics.jsonl\n"
+      "TOTAL: 2 objects, 2058 bytes (2.01kiB)"), "2026-02-01T09:00:05+00:00"),
+    ("2026-01-31T18:38:20.123Z", "2026-01-31T18:38:20+00:00"),
+    ("2026-01-31T19:38:20+0100", "2026-01-31T18:38:20+00:00"),
+    ("2026-01-31T18:38:20+00:00", "2026-01-31T18:38:20+00:00"),
+    ("2026-01-31T18:38:20", "2026-01-31T18:38:20+00:00"),  # no zone printed: UTC
+])
+def test_newest_time_reads_listings(listing, expected):
+    t = tpu.newest_time(listing)
+    assert t == (None if expected is None else datetime.datetime.fromisoformat(expected).timestamp())
 
 
 class FakeRunner(tpu.Runner):
-    """Scripted gcloud: states and exit codes come from queues; records what was run."""
+    """Scripted gcloud: states and exit codes come from queues, the metrics.jsonl listing from
+    ``listing()`` (default: no row yet); records what was run and what was asked."""
 
-    def __init__(self, states, codes):
+    def __init__(self, states, codes, listing=lambda: ""):
         super().__init__(dry_run=False, out=open("/dev/null", "w"))
-        self.states, self.codes, self.ran = list(states), list(codes), []
+        self.states, self.codes, self.listing, self.ran, self.asked = list(states), list(codes), listing, [], []
 
     def run(self, cmd, check=True):
         self.ran.append(list(cmd))
         return 0
 
     def output(self, cmd):
+        self.asked.append(list(cmd))
         if "describe" in cmd:
             return self.states.pop(0)
+        if cmd[:3] == ["gcloud", "storage", "ls"]:
+            return self.listing()
         return self.codes.pop(0)
+
+
+class FakeClock:
+    """Epoch seconds that only move when the supervisor sleeps (``time.sleep`` patched to ``sleep``)."""
+
+    def __init__(self, t=1_800_000_000.0):
+        self.t0 = self.t = t
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, seconds):
+        self.t += seconds
+
+
+def _listing(t):
+    """``gcloud storage ls -l`` of a metrics.jsonl last written at epoch ``t``."""
+    when = datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"  4096  {when}  gs://w/stage1/metrics.jsonl\nTOTAL: 1 objects, 4096 bytes (4.00kiB)"
+
+
+def _launches(runner):
+    return [i for i, c in enumerate(runner.ran) if c[4:5] == ["ssh"] and "sea_jax.train --config" in c[-1]]
+
+
+def _kills(runner):
+    return [i for i, c in enumerate(runner.ran) if c[4:5] == ["ssh"] and "pkill" in c[-1]]
 
 
 def test_supervise_recreates_after_preemption_and_relaunches_after_crash(monkeypatch):
@@ -200,6 +277,57 @@ def test_supervise_gives_up_on_repeated_crashes(monkeypatch):
     assert not any(c[4:5] == ["delete"] for c in runner.ran if c[0] == "gcloud")  # slice kept for debugging
 
 
+def _supervise(monkeypatch, flags, polls, listing_at):
+    """supervise on a fake slice that stays ACTIVE: the job runs for ``polls`` polls (60 s apart on
+    a fake clock), then exits 0; ``listing_at(clock)``: the metrics.jsonl listing at that time."""
+    clock = FakeClock()
+    monkeypatch.setattr(tpu.time, "sleep", clock.sleep)
+    args = tpu.parser().parse_args(["supervise", "--name=r", "--slice=v4-8", "--config=c.py", "--workdir=gs://w",
+                                    "--poll=60", "--heartbeat-timeout=600", *flags])
+    runner = FakeRunner(["ACTIVE"] * (polls + 2), ["running"] * polls + ["0"], listing=lambda: listing_at(clock))
+    return tpu.supervise(runner, args, clock=clock), runner
+
+
+def test_supervise_keeps_a_run_with_a_fresh_heartbeat(monkeypatch):
+    # 9 minutes without a row (compiling: the launch counts as the heartbeat), then a row every poll;
+    # 30 minutes in all, three times the timeout
+    rc, runner = _supervise(monkeypatch, [], 30, lambda c: "" if c.t - c.t0 < 540 else _listing(c.t - 5))
+    assert rc == 0 and len(_launches(runner)) == 1 and not _kills(runner)
+    assert sum(c[:3] == ["gcloud", "storage", "ls"] for c in runner.asked) == 30
+    assert ["gcloud", "storage", "ls", "-l", "gs://w/stage*/metrics.jsonl"] in runner.asked
+
+
+def test_supervise_kills_and_relaunches_a_run_whose_heartbeat_is_stale(monkeypatch, capsys):
+    # rows until 300 s, then none: at 960 s the newest row is 660 s old > 600. After the relaunch the
+    # old row no longer counts (the restart restores a checkpoint first); done at 1200 s.
+    rc, runner = _supervise(monkeypatch, [], 19, lambda c: _listing(min(c.t, c.t0 + 300)))
+    assert rc == 0
+    launches, kills = _launches(runner), _kills(runner)
+    assert len(launches) == 2 and kills == [launches[1] - 1]  # killed on every worker, then the same launch
+    assert runner.ran[kills[0]][7:] == ["--worker=all", "--command=pkill -9 -f '[s]ea_jax.train'"]
+    assert runner.ran[launches[0]] == runner.ran[launches[1]]
+    assert not any(c[4:5] in (["create"], ["delete"]) for c in runner.ran[1:-1])  # same slice
+    err = capsys.readouterr().err
+    assert ("heartbeat stale: 660 s since the newest metrics.jsonl row > --heartbeat-timeout=600; "
+            "relaunching (1)") in err
+
+
+def test_supervise_gives_up_on_a_run_that_hangs_again(monkeypatch, capsys):
+    # never a row (e.g. stuck before the first step): stale 660 s after each launch
+    rc, runner = _supervise(monkeypatch, ["--max-relaunches=1"], 30, lambda c: "")
+    assert rc == 1 and len(_launches(runner)) == 2 and len(_kills(runner)) == 1
+    assert runner.ran[-1][4] == "ssh"  # nothing deleted: the slice is kept for debugging
+    err = capsys.readouterr().err
+    assert "heartbeat stale: 660 s since the launch, and no metrics.jsonl row since" in err
+    assert "giving up (slice kept)" in err
+
+
+def test_supervise_heartbeat_timeout_zero_never_checks(monkeypatch):
+    rc, runner = _supervise(monkeypatch, ["--heartbeat-timeout=0"], 40, lambda c: "")
+    assert rc == 0 and len(_launches(runner)) == 1 and not _kills(runner)
+    assert not any(c[:2] == ["gcloud", "storage"] for c in runner.asked)
+
+
 def test_xpk_multislice():
     cmds = dry("xpk", "--cluster=c1", "--name=sea-ms", "--slice=v5e-256", "--num-slices=2", "--spot",
                "--image=gcr.io/p/sea:1", "--config=configs/gemma2b.py", "--workdir=gs://b/ms", "--project=p")
@@ -212,6 +340,44 @@ def test_xpk_multislice():
         "--config=configs/gemma2b.py --workdir=gs://b/ms",
         "--zone=us-west4-a", "--project=p",
     ]
+
+
+# What the trainer does with its command line (sea_jax.cli.run_absl): its module defines the flags,
+# absl parses argv (config_flags reads the --config.x overrides from sys.argv, so this runs as its
+# own process with the trainer's argv as sys.argv[1:]), then the values are read.
+PARSE_AS_TRAINER = """
+import importlib, json, sys
+from absl import flags
+importlib.import_module("sea_jax.train.__main__")
+flags.FLAGS(sys.argv)
+c = flags.FLAGS.config
+print(json.dumps({"workdir": flags.FLAGS.workdir, "batch_size": c.train.batch_size, "llm": c.llm.checkpoint,
+                  "microbatches": c.train.microbatches, "locked": c.is_locked}))
+"""
+
+
+def test_xpk_workload_argv_parses_with_the_trainers_own_flags():
+    """The xpk workload's trainer argv keeps gs:// as given, and the trainer's real flags accept it:
+    the config file loads, the overrides apply, the workdir is the gs:// string (no bucket needed:
+    nothing is read or written while parsing)."""
+    cmds = dry("xpk", "--cluster=c1", "--name=sea", "--slice=v4-32", "--image=gcr.io/p/sea:1",
+               "--config=configs/gemma2b.py", "--workdir=gs://runs/sea-xpk", "--",
+               "--config.train.batch_size=96", "--config.llm.checkpoint=gs://models/gemma 2b")
+    (command,) = [a.removeprefix("--command=") for a in cmds[1] if a.startswith("--command=")]
+    words = shlex.split(command)
+    i = words.index("sea_jax.train")
+    assert words[i - 2:i] == ["python", "-m"]
+    argv = words[i + 1:]
+    assert argv == ["--config=configs/gemma2b.py", "--workdir=gs://runs/sea-xpk", "--config.train.batch_size=96",
+                    "--config.llm.checkpoint=gs://models/gemma 2b"]
+    pytest.importorskip("ml_collections")
+    proc = subprocess.run([sys.executable, "-c", PARSE_AS_TRAINER, *argv], check=False, capture_output=True,
+                          text=True, timeout=300, cwd=str(ROOT), env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
+    parsed = json.loads(proc.stdout.splitlines()[-1])
+    # microbatches=16 is configs/gemma2b.py's own value: the file was loaded
+    assert parsed == {"workdir": "gs://runs/sea-xpk", "batch_size": 96, "llm": "gs://models/gemma 2b",
+                      "microbatches": 16, "locked": True}
 
 
 def test_dry_run_after_double_dash_still_dry():

@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,7 +48,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sea_jax import sharding
+from sea_jax import sharding, storage
 
 Array = jax.Array
 
@@ -69,7 +69,7 @@ def load_word_list(path: str | os.PathLike) -> list[str]:
     path = os.fspath(path)
     words: list[str] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
+    with storage.open(path, encoding="utf-8") as f:  # local or gs://
         for lineno, raw in enumerate(f, start=1):
             word = raw.strip()
             if not word or word.startswith("#"):
@@ -200,34 +200,16 @@ def word_table_cache_paths(cache_dir: str | os.PathLike, checkpoint_id: str, tok
                            words: Sequence[str]) -> tuple[str, str]:
     """(``.npy``, ``.json``) paths where :func:`embed_words` caches this table."""
     key = _cache_key(checkpoint_id, tokenizer_id, words)
-    stem = os.path.join(os.fspath(cache_dir), f"word_table-{key[:24]}")
+    stem = storage.join(os.fspath(cache_dir), f"word_table-{key[:24]}")
     return stem + ".npy", stem + ".json"
 
 
-def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Writes via a temp file in the same folder then ``os.replace``: readers see all or nothing."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".tmp-")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _load_cached(npy: str, meta_path: str, key: str, num_words: int) -> np.ndarray | None:
-    if not (os.path.exists(npy) and os.path.exists(meta_path)):
+    if not (storage.exists(npy) and storage.exists(meta_path)):
         return None
     try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        table = np.load(npy, allow_pickle=False)
+        meta = json.loads(storage.read_text(meta_path))
+        table = np.load(io.BytesIO(storage.read_bytes(npy)), allow_pickle=False)
     except (OSError, ValueError) as e:
         logging.warning("ignoring unreadable word-table cache %s: %s", npy, e)
         return None
@@ -302,13 +284,13 @@ def embed_words(
     table = (table / np.maximum(norms, 1e-12)).astype(np.float32)
 
     if npy is not None:
-        atomic_write(npy, lambda f: np.save(f, table, allow_pickle=False))
+        storage.atomic_write(npy, lambda f: np.save(f, table, allow_pickle=False), mode="wb")
         meta = {
             "key": key, "checkpoint_id": checkpoint_id, "tokenizer_id": tokenizer_id,
             "words_sha256": words_digest(words), "num_words": len(words), "dim": int(table.shape[1]),
         }
         # the json is written last: a cache entry exists only once both files are complete
-        atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1)), mode="w")
+        storage.atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1)))
     return table
 
 

@@ -40,6 +40,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from sea_jax import storage
+
 SIGLIP_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 SIGLIP_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
@@ -128,12 +130,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decodes ``path`` fully and returns an RGB PIL image.
+    """Decodes ``path`` (local or ``gs://``) fully and returns an RGB PIL image.
 
     Raises:
       ImageLoadError: the file is missing, unreadable, truncated, not an image, or a decompression
         bomb. The message names ``path``.
     """
+    if storage.is_remote(path):
+        try:
+            data = storage.read_bytes(path)
+        except OSError as e:  # FileNotFoundError and gcsfs's HTTP errors
+            raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
+        return decode_image(data, os.fspath(path))
     try:
         with warnings.catch_warnings():
             # PIL *warns* for images above MAX_IMAGE_PIXELS and raises only above twice that; a

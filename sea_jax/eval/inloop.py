@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from sea_jax import storage
 from sea_jax.errors import PathError
 
 
@@ -194,11 +195,12 @@ class InLoopEval:
         model = EvalModel(self.mcfg, params, tok, self.mcfg.image_size, bool(self.config.data.pad_to_square))
         answerer = Answerer(model, self.mesh, self.batch_size)
         answers = answerer.answer(self.questions, int(self.config.eval.max_new_tokens) or self.bench.max_new_tokens)
-        folder = os.path.join(self.run_path, "eval", f"step_{step}", self.bench.name)
+        folder = storage.join(self.run_path, "eval", f"step_{step}", self.bench.name)
         if jax.process_index() != 0:
             return float("nan")
-        path = write_llava_answers(os.path.join(folder, "answers.jsonl"), self.questions, answers)
-        scores = self.bench.score(path, self.bench.default_annotations(self.config.eval.data_root))
+        with storage.as_local(folder, write=True) as local:  # a gs:// run folder gets the file when scored
+            path = write_llava_answers(os.path.join(local, "answers.jsonl"), self.questions, answers)
+            scores = self.bench.score(path, self.bench.default_annotations(self.config.eval.data_root))
         value = headline(self.bench.name, scores)
         return float("nan") if value is None else value
 

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from sea_jax import storage
 from sea_jax.eval import benchmarks as bench_lib
 from sea_jax.eval.common import Question, write_json, write_llava_answers
 
@@ -172,6 +173,20 @@ def evaluate(model: EvalModel, benchmarks: Sequence[str], data_root: str, out_di
     """
     answerer = Answerer(model, mesh, batch_size)
     main = jax.process_index() == 0
+    if not main:  # only process 0 writes; the others answer their share of every batch
+        return _evaluate(answerer, benchmarks, data_root, out_dir, out_dir, limit, annotations, max_new_tokens,
+                         progress, main)
+    # the writers make local files; a gs:// out_dir is uploaded when every benchmark is written,
+    # and the paths recorded in scores.json are the final ones
+    with storage.as_local(out_dir, write=True) as local:
+        return _evaluate(answerer, benchmarks, data_root, local, out_dir, limit, annotations, max_new_tokens,
+                         progress, main)
+
+
+def _evaluate(answerer, benchmarks, data_root, local_out, out_dir, limit, annotations, max_new_tokens, progress,
+              main) -> dict[str, Any]:
+    model = answerer.model
+    final = lambda p: out_dir + p[len(local_out):] if p.startswith(local_out) else p  # noqa: E731
     results: dict[str, Any] = {}
     for name in benchmarks:
         bench = bench_lib.get_benchmark(name)
@@ -182,7 +197,7 @@ def evaluate(model: EvalModel, benchmarks: Sequence[str], data_root: str, out_di
         logging.info("%s: %d questions answered in %.1fs", name, len(questions), dt)
         if not main:
             continue
-        folder = os.path.join(out_dir, name)
+        folder = os.path.join(local_out, name)
         answers_file = write_llava_answers(os.path.join(folder, "answers.jsonl"), questions, answers, model.name)
         extra = {}
         full = getattr(bench, "full_test_file", None)  # VQAv2: the server wants every test2015 question
@@ -190,8 +205,8 @@ def evaluate(model: EvalModel, benchmarks: Sequence[str], data_root: str, out_di
             extra["full_question_file"] = os.path.join(data_root, full)
         submission = bench.write_submission(os.path.join(folder, bench.submission_name), questions, answers,
                                             model_id=model.name, **extra)
-        scores: dict[str, Any] = {"questions": len(questions), "seconds": dt, "answers": answers_file,
-                                  "submission": submission}
+        scores: dict[str, Any] = {"questions": len(questions), "seconds": dt, "answers": final(answers_file),
+                                  "submission": final(submission)}
         ann = (annotations or {}).get(name)
         if name == "mmvet":
             scores.update(scored=False, why="MM-Vet is graded by GPT-4: submit the results file to its grader")
@@ -209,7 +224,7 @@ def evaluate(model: EvalModel, benchmarks: Sequence[str], data_root: str, out_di
         write_json(os.path.join(folder, "scores.json"), scores, indent=1)
         results[name] = scores
     if main:
-        write_json(os.path.join(out_dir, "scores.json"), results, indent=1)
+        write_json(os.path.join(local_out, "scores.json"), results, indent=1)
     return results
 
 

@@ -15,18 +15,23 @@ def export_workdir(workdir: str, out: str, step: int | None = None, dtype: str =
                    adapter_only: bool = False, max_shard_bytes: int = 5 * 2**30, stage: int | None = None,
                    eos_is_end_of_turn: bool = False) -> list[str]:
     """Writes the run of ``workdir`` (``stage``, default the highest) at ``step`` (default the
-    newest) to ``out``; returns the files written. ``eos_is_end_of_turn``: see
+    newest) to ``out`` (local or ``gs://``, like ``workdir``); returns the files written. ``eos_is_end_of_turn``: see
     :func:`sea_jax.convert.llava_files.prepare_tokenizer`."""
+    from sea_jax import storage
     from sea_jax.builder import load_trained
     from sea_jax.convert import hf_llava
 
     m = load_trained(workdir, stage=stage, step=step)
-    if adapter_only:
-        return [hf_llava.export_adapter(m.cfg, m.params["adapter"], out, dtype=dtype)]
-    return hf_llava.export_llava(
-        m.cfg, m.params, m.tokenizer, out, dtype=dtype, pad_to_square=m.pad_to_square,
-        chat_template=m.chat_template, max_shard_bytes=max_shard_bytes, eos_is_end_of_turn=eos_is_end_of_turn,
-    )
+    # the writers make local files (safetensors, tokenizer); a gs:// out is uploaded when complete
+    with storage.as_local(out, write=True) as local:
+        if adapter_only:
+            files = [hf_llava.export_adapter(m.cfg, m.params["adapter"], local, dtype=dtype)]
+        else:
+            files = hf_llava.export_llava(
+                m.cfg, m.params, m.tokenizer, local, dtype=dtype, pad_to_square=m.pad_to_square,
+                chat_template=m.chat_template, max_shard_bytes=max_shard_bytes,
+                eos_is_end_of_turn=eos_is_end_of_turn)
+    return [out + f[len(local):] if f.startswith(local) else f for f in files]
 
 
 __all__ = ["export_workdir"]

@@ -43,9 +43,9 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import io
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -55,6 +55,7 @@ import numpy as np
 from absl import logging
 
 from sea_jax import config as config_lib
+from sea_jax import storage
 from sea_jax.data import images as image_lib
 from sea_jax.errors import ConfigError, DataFormatError, PathError
 
@@ -128,30 +129,28 @@ def shard_name(s: int, num_shards: int) -> str:
 
 
 def shard_path(out_dir: str, s: int, num_shards: int) -> str:
-    return os.path.join(out_dir, shard_name(s, num_shards))
+    return storage.join(out_dir, shard_name(s, num_shards))
 
 
 def _remove_stale_temps(out_dir: str, shards: Sequence[int], num_shards: int) -> int:
     """Deletes leftover temp files of ``shards`` (a killed writer's), returns how many."""
     prefixes = tuple(shard_name(s, num_shards) + ".tmp-" for s in shards)
     removed = 0
-    for name in os.listdir(out_dir):
+    if not storage.isdir(out_dir):  # a gs:// folder exists only once something is in it
+        return 0
+    for name in storage.listdir(out_dir):
         if name.startswith(prefixes):
-            os.remove(os.path.join(out_dir, name))
+            storage.remove(storage.join(out_dir, name))
             removed += 1
     return removed
 
 
 def _write_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
-    from sea_jax.align.semantic_labels import atomic_write
-
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    storage.atomic_write(path, lambda f: np.savez(f, **arrays), mode="wb")
 
 
 def _write_text_atomic(path: str, text: str) -> None:
-    from sea_jax.align.semantic_labels import atomic_write
-
-    atomic_write(path, lambda f: f.write(text), mode="w")
+    storage.atomic_write(path, lambda f: f.write(text))
 
 
 def shard_statistics(ids: np.ndarray, scores: np.ndarray, num_words: int) -> dict[str, np.ndarray]:
@@ -205,10 +204,12 @@ def _batches(items: list[tuple[int, str]], batch_size: int, load, pool) -> Itera
         yield [(pos, fut.result()) for pos, fut in chunk]
 
 
-def _load_safe(path: str, spec: image_lib.PixelSpec, pad: bool):
+def _load_safe(root: str, rel: str, spec: image_lib.PixelSpec, pad: bool):
+    """The image's pixels, or the error that makes it a bad image (unreadable, or a path that
+    leaves the image root: refused, never opened)."""
     try:
-        return image_lib.load_for(spec, path, pad)
-    except image_lib.ImageLoadError as e:
+        return image_lib.load_for(spec, image_lib.resolve_under_root(root, rel), pad)
+    except (image_lib.ImageLoadError, image_lib.ImagePathError) as e:
         return e
 
 
@@ -223,9 +224,9 @@ def label_dataset(config, workdir: str) -> dict | None:
     config_lib.validate(config)
     lc, dc = config.labels, config.data
     check_paths(config)
-    out_dir = lc.output_dir or os.path.join(workdir, "labels")
-    cache_dir = lc.cache_dir or os.path.join(workdir, "word_table_cache")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = lc.output_dir or storage.join(workdir, "labels")
+    cache_dir = lc.cache_dir or storage.join(workdir, "word_table_cache")
+    storage.makedirs(out_dir)
     pi = lc.process_index if lc.process_index >= 0 else jax.process_index()
     pc = lc.process_count if lc.process_count > 0 else jax.process_count()
     if not 0 <= pi < pc:
@@ -244,7 +245,7 @@ def label_dataset(config, workdir: str) -> dict | None:
     removed = _remove_stale_temps(out_dir, mine, num_shards)
     if removed:
         logging.info("removed %d temp files left by an interrupted run", removed)
-    pending = [s for s in mine if not os.path.exists(shard_path(out_dir, s, num_shards))]
+    pending = [s for s in mine if not storage.exists(shard_path(out_dir, s, num_shards))]
     if len(pending) < len(mine):
         logging.info("resuming: %d of this process's %d shards already complete, skipped",
                      len(mine) - len(pending), len(mine))
@@ -256,7 +257,7 @@ def label_dataset(config, workdir: str) -> dict | None:
         "negate_similarity": bool(lc.negate_similarity), "feature": lc.feature, "prompt": lc.prompt,
         "pad_to_square": bool(dc.pad_to_square), "shard_size": shard_size,
         "num_images": len(data.images), "num_shards": num_shards,
-        "checkpoint_id": L.file_identity(config.vision.checkpoint),
+        "checkpoint_id": L.file_identity(builder.local_path(config.vision.checkpoint)),
     }
     cfg = builder.vision_config(config)
     meta["image_size"] = cfg.image_size
@@ -319,7 +320,7 @@ def label_dataset(config, workdir: str) -> dict | None:
         multihost_utils.sync_global_devices("sea_jax.labels: all shards written")
         if pi != 0:
             return None  # process 0 writes the summary once for the pod
-    done = [s for s in range(num_shards) if os.path.exists(shard_path(out_dir, s, num_shards))]
+    done = [s for s in range(num_shards) if storage.exists(shard_path(out_dir, s, num_shards))]
     if len(done) < num_shards:
         logging.info("%d of %d shards complete; the run that completes the last one writes the summary",
                      len(done), num_shards)
@@ -328,12 +329,12 @@ def label_dataset(config, workdir: str) -> dict | None:
 
 
 def _read_meta(out_dir: str, required: bool = False) -> dict:
-    path = os.path.join(out_dir, "meta.json")
-    if not os.path.exists(path):
+    path = storage.join(out_dir, "meta.json")
+    if not storage.exists(path):
         if required:
             raise PathError(f"{path} missing although shards exist; delete the shards to relabel")
         return {}
-    with open(path, encoding="utf-8") as f:
+    with storage.open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -347,14 +348,14 @@ def _check_or_write_meta(out_dir: str, meta: dict) -> None:
                 "config.labels.output_dir or delete it"
             )
         return
-    _write_text_atomic(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=1, sort_keys=True))
+    _write_text_atomic(storage.join(out_dir, "meta.json"), json.dumps(meta, indent=1, sort_keys=True))
 
 
 def _write_words(out_dir: str, words: list[str]) -> None:
-    path = os.path.join(out_dir, "words.txt")
+    path = storage.join(out_dir, "words.txt")
     text = "".join(w + "\n" for w in words)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
+    if storage.exists(path):
+        with storage.open(path, encoding="utf-8") as f:
             if f.read() == text:
                 return
     _write_text_atomic(path, text)
@@ -364,7 +365,7 @@ def _label_shard(s, num_shards, out_dir, data: Dataset, users, labeller, cfg, co
     lc, dc = config.labels, config.data
     t0 = time.time()
     lo, hi = s * int(lc.shard_size), min((s + 1) * int(lc.shard_size), len(data.images))
-    items = [(pos, os.path.join(dc.image_root, data.images[pos])) for pos in range(lo, hi)]
+    items = [(pos, data.images[pos]) for pos in range(lo, hi)]
     size, pad, bs = cfg.image_size, bool(dc.pad_to_square), int(lc.batch_size)
     rows_pos: list[int] = []
     outs: list[tuple[Any, Any, int]] = []
@@ -372,11 +373,11 @@ def _label_shard(s, num_shards, out_dir, data: Dataset, users, labeller, cfg, co
     from sea_jax.models.mllm import pixel_spec_for
 
     spec = pixel_spec_for(cfg)
-    load = lambda path: _load_safe(path, spec, pad)  # noqa: E731
+    load = lambda rel: _load_safe(dc.image_root, rel, spec, pad)  # noqa: E731
     for chunk in _batches(items, bs, load, pool):
         good = []
         for pos, res in chunk:
-            if isinstance(res, image_lib.ImageLoadError):
+            if isinstance(res, (image_lib.ImageLoadError, image_lib.ImagePathError)):
                 logging.warning("skipping image %s (samples %s): %s", data.images[pos], users[pos], res)
                 bad.append((data.images[pos], str(res)))
             else:
@@ -423,7 +424,7 @@ def finalize(out_dir: str, data: Dataset) -> dict:
     """Writes ``index.json``, ``summary.json`` and ``summary.png`` from the shards' small arrays
     (the label arrays themselves are not read), returns the summary."""
     meta = _read_meta(out_dir, required=True)
-    with open(os.path.join(out_dir, "words.txt"), encoding="utf-8") as f:
+    with storage.open(storage.join(out_dir, "words.txt"), encoding="utf-8") as f:
         words = [w.rstrip("\n") for w in f]
     num_shards, num_words = meta["num_shards"], meta["num_words"]
     shards = [shard_name(s, num_shards) for s in range(num_shards)]
@@ -434,7 +435,7 @@ def finalize(out_dir: str, data: Dataset) -> dict:
     entries = 0
     bad_images: list[tuple[str, str]] = []
     for s, name in enumerate(shards):
-        with np.load(os.path.join(out_dir, name), allow_pickle=False) as z:
+        with np.load(io.BytesIO(storage.read_bytes(storage.join(out_dir, name))), allow_pickle=False) as z:
             for r, path in enumerate(z["image"].tolist()):
                 where[path] = [s, r]
             bad_images += list(zip(z["bad_image"].tolist(), z["bad_reason"].tolist()))
@@ -448,7 +449,7 @@ def finalize(out_dir: str, data: Dataset) -> dict:
         users[data.images[pos]].append(sid)
 
     index = {"shards": shards, "images": where, "samples": samples}
-    _write_text_atomic(os.path.join(out_dir, "index.json"), json.dumps(index))
+    _write_text_atomic(storage.join(out_dir, "index.json"), json.dumps(index))
 
     used = counts > 0
     kept = int(counts.sum())
@@ -480,8 +481,8 @@ def finalize(out_dir: str, data: Dataset) -> dict:
         "score_hist": {"edges": edges.tolist(), "counts": hist.tolist()},
         "settings": {k: meta[k] for k in ("top_n", "negate_similarity", "feature", "prompt", "image_size")},
     }
-    _write_text_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
-    _plot(os.path.join(out_dir, "summary.png"), centres, hist, word_mean[used], summary)
+    _write_text_atomic(storage.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
+    _plot(storage.join(out_dir, "summary.png"), centres, hist, word_mean[used], summary)
     logging.info(
         "summary: %d images labelled, %d bad, %d records without image; word-list utilization %.1f%% "
         "(%d of %d words); kept-score mean %.3f", len(where), len(bad_images), data.no_image,
@@ -507,9 +508,7 @@ def _plot(path: str, centres, hist, word_means, summary) -> None:
     b.set_title(f"(b) {summary['words_used']}/{summary['word_list_size']} words used "
                 f"({100 * summary['utilization']:.1f}%)")
     fig.tight_layout()
-    from sea_jax.align.semantic_labels import atomic_write
-
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    storage.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
     plt.close(fig)
 
 
@@ -522,9 +521,9 @@ def check_paths(config) -> None:
         path = config[section][name]
         if not config_lib.is_set(path):
             problems.append(f"config.{field}{'=' + repr(path) if path else ' is empty'}; set --config.{field}=...")
-        elif not (os.path.isdir(path) if kind == "dir" else os.path.exists(path)):
+        elif not (storage.isdir(path) if kind == "dir" else storage.exists(path)):
             problems.append(f"config.{field}={path!r} does not exist")
-    if config.labels.word_list != "default" and not os.path.exists(config.labels.word_list):
+    if config.labels.word_list != "default" and not storage.exists(config.labels.word_list):
         problems.append(f"config.labels.word_list={config.labels.word_list!r} does not exist")
     if problems:
         raise PathError("cannot start, fix the config first:\n  " + "\n  ".join(problems))

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sea_jax import storage
 from sea_jax.align.recall import PatchTruth, alignment_accuracy, recall_words, word_hits
 from sea_jax.probe.figure import plot
 
@@ -200,13 +201,11 @@ def run_probe(workdir: str, baseline: str | None = None, *, out: str | None = No
     results = [("SEA" if baseline else "run", probe_workdir(workdir, **kw))]
     if baseline:
         results.append(("baseline", probe_workdir(baseline, **kw)))
-    out = out or os.path.join(workdir, "probe.png")
+    out = out or storage.join(workdir, "probe.png")
     json_out = json_out or os.path.splitext(out)[0] + ".json"
     plot(results, out, plot_images)
     summary = {"run": results[0][1].metrics, "baseline": results[1][1].metrics if baseline else None, "png": out}
-    os.makedirs(os.path.dirname(os.path.abspath(json_out)), exist_ok=True)
-    with open(json_out, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
+    storage.atomic_write(json_out, lambda f: json.dump(summary, f, indent=1))  # local or gs://
     return summary
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from sea_jax import storage
+
 
 def plot(results: Sequence[tuple[str, Any]], out: str, num_images: int = 4) -> None:
     """Writes the PNG: one row per image, one column per run (name, :class:`sea_jax.probe.ProbeResult`);
@@ -45,8 +47,8 @@ def plot(results: Sequence[tuple[str, Any]], out: str, num_images: int = 4) -> N
                 ax.set_title(f"{name} (lambda={m['lambda']:g})\n{kind} acc {acc:.1%}, label acc {m['label_accuracy']:.1%}",
                              fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fmt = os.path.splitext(out)[1].lstrip(".").lower() or "png"
+    storage.atomic_write(out, lambda f: fig.savefig(f, format=fmt, dpi=110), mode="wb")  # local or gs://
     plt.close(fig)
 
 

@@ -24,7 +24,7 @@ from sea_jax import cli
 from sea_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config (.py)", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run folder (checkpoints, logs); shared by both stages")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder (checkpoints, logs), local or gs://bucket/prefix; shared by both stages")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

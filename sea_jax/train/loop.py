@@ -15,15 +15,16 @@ run, :mod:`sea_jax.manifest`), ``log.txt`` (every library's log lines, :mod:`sea
 profiler trace of ``log.profile_steps`` steps in ``profile/``, and the goodput of the attempt
 (:mod:`sea_jax.goodput`) in the last log line, the returned dict and the manifest.
 
-Paths are local (or a gcsfuse mount such as ``/gcs/bucket``): ``gs://`` is refused up front
-rather than failing mid-run. Every path is checked before anything is built or compiled; the error
-names the config field to set.
+Every path may be local or ``gs://`` (:mod:`sea_jax.storage`): the workdir (checkpoints through
+Orbax's own GCS support, metrics, events, config, tokenizer), model checkpoints (copied once per
+host, :func:`sea_jax.builder.local_path`), data, images and labels. Every path is checked before
+anything is built or compiled, the workdir by writing a probe file; the error names the config
+field to set.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -49,18 +50,22 @@ def check_paths(config, workdir: str | None = None) -> None:
     """Raises :class:`PathError` listing every path the run needs that is unset, a placeholder or
     missing, by config field, before anything is loaded or compiled."""
     problems: list[str] = []
-    if workdir and "://" in workdir:
-        problems.append(f"--workdir={workdir!r}: only local paths (or a gcsfuse mount such as /gcs/bucket)")
+    if workdir and "://" in workdir and not storage.is_remote(workdir):
+        problems.append(f"--workdir={workdir!r}: a local folder or gs://bucket/prefix")
+    elif workdir:
+        why = storage.check_writable(workdir)  # before anything compiles: a wrong bucket fails in seconds
+        if why is not None:
+            problems.append(f"--workdir={workdir!r} is not writable: {why}")
 
     def need(field: str, path: str, kind: str = "path", why: str = "") -> None:
         if not config_lib.is_set(path):
             shown = f"={path!r}" if path else " is empty"
             problems.append(f"config.{field}{shown}{why}; set --config.{field}=...")
-        elif "://" in path:
-            problems.append(f"config.{field}={path!r}: only local paths (or a gcsfuse mount) are supported")
-        elif kind == "dir" and not os.path.isdir(path):
+        elif "://" in path and not storage.is_remote(path):
+            problems.append(f"config.{field}={path!r}: a local path or gs://bucket/key")
+        elif kind == "dir" and not storage.isdir(path):
             problems.append(f"config.{field}={path!r} is not a folder")
-        elif not os.path.exists(path):
+        elif not storage.exists(path):
             problems.append(f"config.{field}={path!r} does not exist")
 
     if config.llm.checkpoint or not config.llm.preset:
@@ -201,7 +206,7 @@ def _run(config, run: rundir.RunDir, extra: hooks_lib.Hooks, clock: goodput.Cloc
         config, tokenizer, mcfg.image_token_id, mcfg.num_image_tokens, mcfg.image_size, pixels=mcfg.pixel_spec)
     if is_main:
         run.save_config(config)
-        tokenizer.save_pretrained(run.tokenizer)
+        run.save_tokenizer(tokenizer)
     with clock.phase("compile"):
         program = compile_program(config, p, mesh, tx, schedule)
 
