@@ -158,7 +158,7 @@ def test_in_loop_evaluation_numbers(assets, root, tmp_path):  # noqa: F811
     assert got["eval/pope"] == pytest.approx(scores["mean"]["f1"]) and len(open(answers).readlines()) == 4
 
 
-def test_eval_cli_end_to_end(assets, root, tmp_path):  # noqa: F811
+def test_eval_cli_end_to_end(assets, root, tmp_path, gcs):  # noqa: F811
     wd = tmp_path / "run"
     _run(_args(assets, wd, 1, **{"train.num_steps": 2, "train.checkpoint_every": 0}), tmp_path / "train.log")
     names = ["pope", "gqa", "textvqa", "vqav2", "vizwiz", "scienceqa", "mmbench", "mmvet", "mme"]
@@ -197,6 +197,20 @@ def test_eval_cli_end_to_end(assets, root, tmp_path):  # noqa: F811
                           f"--data_root={tmp_path}"], cwd=ROOT, env=_env(), capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and "llava_gqa_testdev_balanced.jsonl" in bad.stderr and "Traceback" not in bad.stderr
+    # outputs into a bucket: the files land there, scores.json names their gs:// paths
+    from sea_jax import storage
+
+    gs_out = f"gs://{gcs.bucket}/eval_out"
+    g = subprocess.run([sys.executable, "-m", "sea_jax.eval", f"--workdir={wd}", "--benchmarks=pope",
+                        f"--data_root={root}", f"--out={gs_out}", "--max_new_tokens=3", "--batch_size=8"],
+                       cwd=ROOT, env=_env() | gcs.env, capture_output=True, text=True, timeout=600)
+    assert g.returncode == 0, g.stderr[-4000:]
+    in_bucket = json.loads(storage.read_text(f"{gs_out}/scores.json"))
+    assert in_bucket["pope"]["answers"] == f"{gs_out}/pope/answers.jsonl"
+    texts = lambda lines: [(x["question_id"], x["text"]) for x in map(json.loads, lines)]  # noqa: E731
+    assert texts(storage.read_text(in_bucket["pope"]["answers"]).splitlines()) == \
+        texts(open(out / "pope" / "answers.jsonl").read().splitlines())  # answer ids are random, texts not
+    assert in_bucket["pope"]["mean"] == scores["pope"]["mean"]
 
 
 def test_export_stops_at_the_templates_end_of_turn_and_the_lmms_eval_path(tmp_path):

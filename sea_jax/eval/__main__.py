@@ -52,7 +52,7 @@ def _mesh(spec: list[str]):
 
 def main(argv) -> int:
     del argv
-    from sea_jax import sharding
+    from sea_jax import sharding, storage
     from sea_jax.errors import ConfigError, PathError
     from sea_jax.eval.run import EvalModel, evaluate, summary_table
 
@@ -73,7 +73,7 @@ def main(argv) -> int:
     mesh = _mesh(f.mesh)
     if f.workdir:
         model = EvalModel.from_workdir(f.workdir, stage=f.stage, step=f.step, mesh=mesh)
-        out = f.out or os.path.join(f.workdir, "eval")
+        out = f.out or storage.join(f.workdir, "eval")
     else:
         model = EvalModel.from_hf(f.hf, mesh=mesh, dtype=f.dtype)
         out = f.out or f"eval-{model.name}"
