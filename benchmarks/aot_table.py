@@ -149,12 +149,22 @@ NOTES = """
   `train.logits_chunk=512` (the LM head and its loss in rematerialised 512-token slices) and
   `train.microbatches` (exact gradient accumulation; SEA's L_a still spans the whole global
   batch), FSDP over every chip (the frozen fp32 LLM is sharded, not replicated) and full remat.
-* One microbatch must still split over the batch-sharding chips: `configs/gemma2b.py` (16
-  microbatches of 16) runs unchanged on 4 to 16 chips; `configs/gemma2b_finetune.py` (16 of 8,
+* One microbatch must still split over the batch-sharding chips: `configs/gemma2b.py` (4
+  microbatches of 64) runs unchanged on 4 to 64 chips; `configs/gemma2b_finetune.py` (16 of 8,
   for v4-8) needs `--config.train.microbatches=4` on v4-32 and `=8` on v5e-16, as the rows show.
-* Stage 1 on v4-8 is the tightest fit (29.9 of 32 GiB): 4 sequences per chip per microbatch. With
-  16 chips the same file holds 1 sequence per chip per microbatch, hence the small totals there;
-  fewer microbatches would run faster on those slices and still fit.
+* What filled stage 1's HBM (v4-8, from the compiled program's memory-usage report, XLA's
+  `--xla_dump_to`): at 29.9 of 32 GiB with 16 microbatches, the step scored every patch against
+  the whole word list at once (64 images x 729 patches x ~40k words in float32 per chip, the
+  reason the sequence length did not matter) and kept all 28 SigLIP hidden states (the scan's
+  stacked outputs) to read one of them. Scoring 4096 words at a time with a running top-n took it
+  to 15.3 GiB; carrying only the layer the adapter reads through the scan to 10.1 GiB. The recipe
+  now runs 4 microbatches of 16 sequences per chip (15.6 GiB; 2 would need 25.1). Largest left:
+  SigLIP's float32 attention scores for 64 images (2.2 GiB), the logits chunks (256 positions x
+  256k vocabulary, float32, with their gradient) and the label chunk's scores and ids.
+  The other rows were compiled before the one-layer change (the stage-2 Gemma, Vicuna-7B and
+  Llama-3 rows before the word-list chunking too, which matters only with on-the-fly labels, i.e.
+  stage 1); each change removes memory and adds none, so their totals are upper bounds.
+  `python benchmarks/aot_table.py --only NAME` re-measures a row.
 * Vicuna-7B (32k vocabulary) and Llama-3-8B (128k) stage 2 fit v4-32 at batch 128 in one step
   with FSDP over the 16 chips and full remat, and half that slice (v4-16) with 8 microbatches and
   the chunked head.

@@ -636,9 +636,19 @@ def abstract_state(abstract_trainable: Mapping, tx: optax.GradientTransformation
     return TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), dict(abstract_trainable), opt)
 
 
-def abstract_batch(config, mcfg: MLLMConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """One global batch as the data pipeline delivers it (``sea_jax.data.pipeline``), abstractly."""
-    b, length, s = int(config.train.batch_size), int(config.data.max_length), mcfg.image_size
+def length_buckets(config) -> tuple[int, ...]:
+    """The sequence lengths the trainer compiles a step for (``data.length_buckets`` plus
+    ``data.max_length``, ascending; :mod:`sea_jax.data.buckets`)."""
+    from sea_jax.data import buckets
+
+    return buckets.parse_buckets(config.data.get("length_buckets", ""), int(config.data.max_length))
+
+
+def abstract_batch(config, mcfg: MLLMConfig, mesh: Mesh, length: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """One global batch as the data pipeline delivers it (``sea_jax.data.pipeline``), abstractly;
+    ``length``: the sequence length (a bucket; default ``data.max_length``)."""
+    b, s = int(config.train.batch_size), mcfg.image_size
+    length = int(length or config.data.max_length)
     batch = {
         "images": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32),
         "input_ids": jax.ShapeDtypeStruct((b, length), jnp.int32),
@@ -655,7 +665,7 @@ def abstract_batch(config, mcfg: MLLMConfig, mesh: Mesh) -> dict[str, jax.ShapeD
 
 
 def abstract_step_inputs(config, mcfg: MLLMConfig, mesh: Mesh, tx: optax.GradientTransformation, num_words: int,
-                         word_tokens_len: int = 8) -> tuple[TrainState, dict, dict]:
+                         word_tokens_len: int = 8, length: int | None = None) -> tuple[TrainState, dict, dict]:
     """(state, frozen, batch) of the train step as sharded ShapeDtypeStructs: parameters by the
     logical-axis rules, optimizer moments with their parameter, SEA's tables replicated, the batch
     split over (data, fsdp). Nothing real-size is allocated."""
@@ -663,7 +673,7 @@ def abstract_step_inputs(config, mcfg: MLLMConfig, mesh: Mesh, tx: optax.Gradien
 
     trainable, frozen = split_params(abstract_params(mcfg, mesh), tuple(config.train.trainable))
     frozen.update(abstract_tables(config, mcfg, mesh, num_words, word_tokens_len))
-    return abstract_state(trainable, tx, mesh), frozen, abstract_batch(config, mcfg, mesh)
+    return abstract_state(trainable, tx, mesh), frozen, abstract_batch(config, mcfg, mesh, length)
 
 
 def lower_step(config, mcfg: MLLMConfig, mesh: Mesh, tx: optax.GradientTransformation, schedule, inputs: tuple):
@@ -692,13 +702,14 @@ def check_batch_split(config, mesh: Mesh, process_count: int = 1, where: str = "
                           f"--config.train.microbatches to a divisor of {b // shards}")
 
 
-def flop_spec(config, mcfg: MLLMConfig, abstract: Mapping, num_words: int):
-    """The analytic FLOP count's inputs (:class:`sea_jax.metrics.FlopSpec`) for this model and batch."""
+def flop_spec(config, mcfg: MLLMConfig, abstract: Mapping, num_words: int, length: int | None = None):
+    """The analytic FLOP count's inputs (:class:`sea_jax.metrics.FlopSpec`) for this model and a
+    batch of ``length`` tokens per row (default ``data.max_length``)."""
     from sea_jax import metrics
 
     on_the_fly = needs_word_table(config)
     return metrics.FlopSpec(
-        batch=int(config.train.batch_size), seq_len=int(config.data.max_length),
+        batch=int(config.train.batch_size), seq_len=int(length or config.data.max_length),
         llm_matmul_params=metrics.llm_matmul_params(abstract["llm"], mcfg.llm.vocab_size, mcfg.llm.hidden),
         llm_layers=mcfg.llm.n_layers, llm_heads=mcfg.llm.n_heads, llm_head_dim=mcfg.llm.head_dim,
         vision_params=metrics.count_params(abstract["vision"]), vision_layers=mcfg.vision.depth,
@@ -788,7 +799,7 @@ def total_steps(config, num_samples: int | None) -> int:
 __all__ = [
     "PARTS", "PRESET_TOKENIZER_LEN", "Sources", "read_vision_hf", "read_sources", "base_llm_config", "vision_config",
     "s2_config", "model_config",
-    "image_token", "step_config", "load_llm_tokenizer", "load_vision_tokenizer", "tokenizer_identity",
+    "image_token", "step_config", "length_buckets", "local_path", "load_llm_tokenizer", "load_vision_tokenizer", "tokenizer_identity",
     "param_shardings", "abstract_params", "abstract_of", "load_vision", "load_llm",
     "init_adapter", "restore_trained", "load_params", "check_placed", "needs_word_table", "word_list",
     "word_table", "sea_tables", "abstract_tables", "optimizer", "abstract_state",

@@ -156,7 +156,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.template = "plain"  # "plain" (stage 1: image then caption) or "chat" (the tokenizer's chat template); a mixture's default
     c.data.chat_template = ""  # "" = the LLM tokenizer's own; "vicuna_v1" = LLaVA's Vicuna format; or a jinja string
     c.data.pad_to_square = False  # LLaVA-1.5 stage 2: pad with the image mean before resizing; a mixture's default
-    c.data.max_length = 2048  # tokens per row (rows are padded to it)
+    c.data.max_length = 2048  # tokens per row at most (longer rows are truncated after the image tokens)
+    # Length-aware batches (sea_jax.data.buckets): each global batch is padded to the smallest of these
+    # lengths that holds its longest row (max_length is always one), one compiled step per bucket;
+    # "" = every batch padded to max_length. Comma-separated, e.g. "768,1024,1536".
+    c.data.length_buckets = ""
+    # Rows of similar length in the same batch: windows of this many global batches are sorted by length
+    # and cut into batches, served in a seeded order (0 = off). Resume stays exact.
+    c.data.group_batches = 0
     c.data.num_shards = 0  # data shards dealt over processes (0 = one per process); fix it to change hosts mid-run
     c.data.num_workers = 2  # Grain worker processes per shard (0 = decode in the main process)
     c.data.num_threads = 4  # decoding threads per worker
@@ -338,6 +345,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for name, value in positive.items():
         if int(value) < 1:
             raise ConfigError(f"config.{name}={value!r}: must be >= 1")
+    if int(config.data.get("group_batches", 0)) < 0:
+        raise ConfigError(f"config.data.group_batches={config.data.group_batches!r}: must be >= 0 (0 = off)")
     if int(config.train.logits_chunk) < 0:
         raise ConfigError(f"config.train.logits_chunk={config.train.logits_chunk!r}: must be >= 0")
     parts = ("adapter", "log_tau", "llm", "vision")

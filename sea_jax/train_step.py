@@ -334,6 +334,8 @@ def make_train_step(
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+            # non-pad tokens of the global batch: with length buckets, real vs computed tokens
+            metrics["real_tokens"] = jnp.sum(batch["attention_mask"], dtype=jnp.int32)
             if schedule is not None:
                 metrics["lr"] = schedule(state.step)
             if "log_tau" in params:

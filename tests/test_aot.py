@@ -13,6 +13,7 @@ import pytest
 
 from sea_jax import aot
 from sea_jax.config import base_config
+from sea_jax.errors import ConfigError
 
 TINY_LLM = dict(vocab_size=512, hidden=64, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=16, mlp_dim=128)
 TINY_SIGLIP = dict(
@@ -120,6 +121,18 @@ def test_tpu_compile_reports_memory(stage1_report):
     # XLA's count and the analytic one describe the same program: same order of magnitude.
     assert 0.3 < r.compiled_flops / r.model_flops < 3, (r.compiled_flops, r.model_flops)
     assert "VERDICT     FITS" in r.text()
+
+
+def test_each_length_bucket_compiles_and_shorter_needs_less(stage1_report):
+    """A config's smaller bucket compiles to a program with less memory and fewer FLOPs than the
+    largest (the default, whose verdict covers every bucket); a length outside the set is refused."""
+    c = tiny_config(1)
+    c.data.length_buckets = str(c.data.max_length // 2)
+    short = aot.compile_config(c, "v4:2x2x1", length=c.data.max_length // 2)
+    assert short.max_length == c.data.max_length // 2 and stage1_report.max_length == c.data.max_length
+    assert short.temp_bytes <= stage1_report.temp_bytes and short.model_flops < stage1_report.model_flops
+    with pytest.raises(ConfigError, match="not one of the config's buckets"):
+        aot.compile_config(c, "v4:2x2x1", length=c.data.max_length - 1)
 
 
 def test_margin_arithmetic(stage1_report):

@@ -375,9 +375,18 @@ def test_xpk_workload_argv_parses_with_the_trainers_own_flags():
                           text=True, timeout=300, cwd=str(ROOT), env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr
     parsed = json.loads(proc.stdout.splitlines()[-1])
-    # microbatches=16 is configs/gemma2b.py's own value: the file was loaded
+    # microbatches is configs/gemma2b.py's own value (not the schema default): the file was loaded
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gemma2b_cfg", ROOT / "configs" / "gemma2b.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from sea_jax.config import base_config
+
+    own = mod.get_config().train.microbatches
+    assert own != base_config().train.microbatches
     assert parsed == {"workdir": "gs://runs/sea-xpk", "batch_size": 96, "llm": "gs://models/gemma 2b",
-                      "microbatches": 16, "locked": True}
+                      "microbatches": own, "locked": True}
 
 
 def test_dry_run_after_double_dash_still_dry():

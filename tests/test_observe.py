@@ -298,7 +298,7 @@ def test_log_hook_measures_data_wait_from_a_slow_source():
     clock = goodput.Clock()
     rec = _Recorder()
     shown = progress.Progress(4, enabled=False)
-    log = hooks.LogHook(rec, shown, clock, 1e9, None, 2, lambda: {"samples": 8})
+    log = hooks.LogHook(rec, shown, clock, lambda length: 1e9, None, 2, lambda: {"samples": 8})
 
     def source():
         while True:
@@ -328,6 +328,33 @@ def test_log_hook_measures_data_wait_from_a_slow_source():
     np.testing.assert_array_equal(by_tag[("histogram/unique_labels", 2)], [3, 4])
     np.testing.assert_array_equal(by_tag[("histogram/unique_labels", 4)], [5, 6])
     np.testing.assert_array_equal(by_tag[("histogram/label_scores", 4)], [0.5, 0.2])  # labelled slots only
+
+
+def test_log_hook_counts_real_and_computed_tokens_over_buckets():
+    """Steps of two bucket lengths between two rows: computed tokens are batch x each step's length,
+    real ones the steps' ``real_tokens``; FLOPs are summed per step at its own length; mfu_real
+    counts only the real tokens' share."""
+    clock = goodput.Clock()
+    rec = _Recorder()
+    flops = {4: 100.0, 8: 300.0}
+    log = hooks.LogHook(rec, progress.Progress(2, enabled=False), clock, flops.__getitem__, 1e-12, 2,
+                        lambda: {}, histograms=False)
+    side = hooks.Hooks()
+    side.add(log.collect)
+    side.add(log, every=2)
+    for step, (length, real) in enumerate([(4, 6), (8, 4)], start=1):
+        batch = {"input_ids": np.zeros((2, length), np.int32)}
+        side.run(hooks.StepInfo(step, 2, None, {"loss": jnp.asarray(1.0), "real_tokens": jnp.asarray(real)}, batch))
+    (row,) = rec.rows
+    span = 2 * row["step_time"]
+    assert row["seq_len"] == 8
+    assert row["tokens_per_s"] == pytest.approx((2 * 4 + 2 * 8) / span)
+    assert row["real_tokens_per_s"] == pytest.approx(10 / span)
+    assert row["padding_fraction"] == pytest.approx(1 - 10 / 24)
+    devices = jax.device_count()
+    assert row["tflops_per_device"] == pytest.approx(400 / span / devices / 1e12)
+    assert row["mfu"] == pytest.approx(400 / span / devices)  # peak 1e-12 TFLOP/s = 1 FLOP/s
+    assert row["mfu_real"] == pytest.approx((100 * 6 / 8 + 300 * 4 / 16) / span / devices)
 
 
 # ----------------------------------------------------------------------------------------------

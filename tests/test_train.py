@@ -559,3 +559,30 @@ def _probe_real_config_run(a, wd, tmp_path):
     assert gap.mean() > 0.8
     np.testing.assert_array_equal(r.labels[..., 0][gap], want_ids[..., 0][gap])
     np.testing.assert_array_equal(r.label_valid[..., 0][gap], want_valid[..., 0][gap])
+
+
+def test_length_buckets_compile_only_the_bucket_set_and_resume_bit_exact(assets, tmp_path):
+    """data.length_buckets + data.group_batches in a CLI run: every step runs at one of the
+    buckets, each bucket is compiled once (the largest first), the padding fraction is logged, and
+    kill -9 after a checkpoint then resume gives the uninterrupted run's parameters bit for bit."""
+    import re
+
+    over = {"train.num_steps": 12, "train.checkpoint_every": 4, "data.length_buckets": "26,30,34",
+            "data.group_batches": 3}
+    ref = tmp_path / "ref"
+    out = _run(_args(assets, ref, 1, data=assets["clean"], **over), tmp_path / "ref.log")
+    rows = _metrics(ref / "stage1")
+    used = {r["seq_len"] for r in rows}
+    assert used <= {26, 30, 34, 40}, used
+    compiled = [int(n) for n in re.findall(r"compiled the train step for length (\d+)", out)]
+    assert compiled[0] == 40 and len(compiled) == len(set(compiled)) and set(compiled) == used | {40}
+    assert all(0 <= r["padding_fraction"] < 1 and r["real_tokens"] <= 8 * r["seq_len"] for r in rows)
+
+    wd = tmp_path / "run"
+    p = _popen(_args(assets, wd, 1, data=assets["clean"], **over), tmp_path / "a.log")
+    _wait_for_checkpoint(p, wd / "stage1" / "checkpoints", 4)  # past the first window boundary
+    p.kill()
+    p.wait()
+    out = _run(_args(assets, wd, 1, data=assets["clean"], **over), tmp_path / "b.log")
+    assert "resumed from step" in out
+    _assert_trees_equal(_params(wd / "stage1")[1], _params(ref / "stage1")[1])

@@ -427,3 +427,47 @@ def test_microbatches_and_chunked_logits_equal_one_pass(setup, trainable, lam):
     for k in ("loss", "lm_loss", "align_loss", "target_tokens"):
         np.testing.assert_allclose(np.asarray(m2[k]), np.asarray(m1[k]), rtol=1e-5, err_msg=k)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7), g2, g1)
+
+
+def test_length_bucket_padding_changes_no_loss_or_gradient(setup):
+    """A batch padded to the full length, the same batch cut to its length bucket, and each sample
+    alone without padding: the same L_lm token sums per sample, the same L_a, the same gradients.
+    What ``data.length_buckets`` relies on: padding is masked out everywhere."""
+    from sea_jax.data import buckets
+
+    _, model, params, _, table = setup
+    trainable = ("adapter", "log_tau", "llm")
+    base = _batch(b=4, text_len=8, seed=11)
+    base["attention_mask"][2, -5:] = 0  # rows of three different lengths
+    base["input_ids"][2, -5:] = 0
+    base["loss_mask"][2, -5:] = False
+    full = {k: v for k, v in base.items()}
+    extra = 9  # the full length: 9 more pad columns than the longest row
+    for k in buckets.SEQ_KEYS:
+        full[k] = np.pad(base[k], ((0, 0), (0, extra)))
+    cut = buckets.trim(full, buckets.bucket_for((8, base["input_ids"].shape[1], full["input_ids"].shape[1]),
+                                                buckets.longest(full)))
+    assert cut["input_ids"].shape == base["input_ids"].shape
+    key = step_key(1, jnp.asarray(0))
+    tr, fr = split_params(params, trainable)
+    fr = dict(fr, label_table=table)
+
+    def run(batch, lam=0.7):
+        cfg = StepConfig(lam=lam, label_source="batch", trainable=trainable)
+        b = jax.tree.map(jnp.asarray, batch)
+        return jax.jit(jax.value_and_grad(lambda p: loss_fn(model, cfg, p, fr, b, key), has_aux=True))(tr)
+
+    (_, m_full), g_full = run(full)
+    (_, m_cut), g_cut = run(cut)
+    for k in ("loss", "lm_loss", "align_loss", "target_tokens"):
+        np.testing.assert_allclose(np.asarray(m_cut[k]), np.asarray(m_full[k]), rtol=1e-5, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7),
+                 g_cut, g_full)
+    # each sample alone, cut to its own length: its token-loss sum is its share of the batch's
+    total = 0.0
+    for r in range(4):
+        n = int(base["attention_mask"][r].sum())
+        alone = {k: (v[r:r + 1, :n] if k in buckets.SEQ_KEYS else v[r:r + 1]) for k, v in base.items()}
+        (_, m), _ = run(alone, lam=0.0)
+        total += float(m["lm_loss"]) * int(m["target_tokens"])
+    np.testing.assert_allclose(total, float(m_cut["lm_loss"]) * int(m_cut["target_tokens"]), rtol=1e-5)

@@ -132,3 +132,33 @@ def test_s2_features_feed_the_adapter_and_the_labels_read_the_base_scale():
     assert model(jp, pixels, ids).logits.shape == (1, ids.shape[1], cfg.llm.vocab_size)
     with pytest.raises(NotImplementedError, match="S2"):
         hf_llava.llava_config(cfg)
+
+
+@pytest.mark.parametrize("family", ["siglip", "clip"])
+@pytest.mark.parametrize("scan,remat", [(False, False), (True, False), (True, True)])
+def test_keeping_one_hidden_state_equals_collecting_all(family, scan, remat):
+    """``keep_hidden=k`` computes hidden state k (the others None) equal to collecting every
+    layer's, with the same parameter tree: the step reads one layer without the stack of all."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from sea_jax.models import clip, siglip
+
+    small = dict(image_size=32, width=32, depth=3, mlp_dim=64, num_heads=4, patch_size=8, scan=scan)
+    if family == "siglip":
+        mod, cfg = siglip, siglip.siglip_config("B/16", out_dim=32, **small)
+    else:
+        mod, cfg = clip, clip.clip_config("B/16", **small)
+    tower = mod.ImageTower(dataclasses.replace(cfg, remat=remat))
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+    params = tower.init(jax.random.key(0), x)["params"]
+    full = tower.apply({"params": params}, x, hidden_states=True)
+    for k in (-2, -1, 0, 1):
+        one = tower.apply({"params": params}, x, hidden_states=False, keep_hidden=k)
+        assert [h is not None for h in one.hidden_states] == [i == k % 4 for i in range(4)]
+        np.testing.assert_allclose(np.asarray(one.hidden_states[k]), np.asarray(full.hidden_states[k]),
+                                   rtol=1e-6, atol=1e-6)
+    kept = tower.init(jax.random.key(0), x, hidden_states=False, keep_hidden=-2)["params"]
+    assert jax.tree.structure(kept) == jax.tree.structure(params)

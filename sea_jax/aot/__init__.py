@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from sea_jax import builder, sharding
 from sea_jax import config as config_lib
+from sea_jax.errors import ConfigError
 from sea_jax.aot.topology import (TOPOLOGIES, Topology, get_topology, libtpu_available, resolve_mesh_sizes,
                                   topology_devices, topology_mesh)
 
@@ -50,7 +51,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # The program a config describes
 
 
-def plan(config, mesh, tx):
+def plan(config, mesh, tx, length: int | None = None):
     """(model config, the step's abstract inputs) as ``sea_jax.train`` will have them
     (:func:`sea_jax.train.plan`), from the config alone: the checkpoints' config.json and the
     tokenizer are read when their paths are real, the preset's sizes are used when they are
@@ -65,10 +66,11 @@ def plan(config, mesh, tx):
             from sea_jax.align.loss import tokenize_words
 
             word_len = tokenize_words(builder.load_llm_tokenizer(config), words).ids.shape[1]
-    return mcfg, builder.abstract_step_inputs(config, mcfg, mesh, tx, num_words, word_len if num_words else 0)
+    return mcfg, builder.abstract_step_inputs(config, mcfg, mesh, tx, num_words, word_len if num_words else 0,
+                                              length)
 
 
-def model_flops(config, mcfg=None) -> dict[str, float]:
+def model_flops(config, mcfg=None, length: int | None = None) -> dict[str, float]:
     """Analytic FLOPs of one train step, by part and ``total``, with no rematerialisation.
 
     The formula is :func:`sea_jax.metrics.train_step_flops` (the one ``sea_jax.train`` uses for
@@ -82,7 +84,7 @@ def model_flops(config, mcfg=None) -> dict[str, float]:
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     shapes = builder.abstract_params(mcfg, mesh)
     num_words = len(builder.word_list(config)) if float(config.sea.lam) else 0
-    return metrics.train_step_flops(builder.flop_spec(config, mcfg, shapes, num_words))
+    return metrics.train_step_flops(builder.flop_spec(config, mcfg, shapes, num_words, length))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,9 +233,14 @@ def compile_config(
     num_slices: int = 1,
     hbm_margin_gib: float = 0.5,
     config_name: str = "",
+    length: int | None = None,
 ) -> Report:
     """Lowers and compiles the train step the config describes (``sea_jax.builder.lower_step``,
-    exactly what ``sea_jax.train`` runs) for ``topology`` and reports on it."""
+    exactly what ``sea_jax.train`` runs) for ``topology`` and reports on it.
+
+    ``length``: the sequence length, one of the config's buckets (``data.length_buckets``,
+    :func:`sea_jax.builder.length_buckets`); default the largest, ``data.max_length``, which needs
+    the most memory of them (same batch, longer rows), so its verdict covers every bucket."""
     config_lib.validate(config)
     topo = get_topology(topology) if isinstance(topology, str) else topology
     devices = topology_devices(topo, num_slices)
@@ -241,7 +248,12 @@ def compile_config(
     builder.check_batch_split(config, mesh, where=f" on {topo.name}")
     # The schedule's length does not change the program.
     tx, sched = builder.optimizer(config, 1000)
-    mcfg, (state, frozen, batch) = plan(config, mesh, tx)
+    buckets = builder.length_buckets(config)
+    length = int(length or buckets[-1])
+    if length not in buckets:
+        raise ConfigError(f"--length={length} is not one of the config's buckets {list(buckets)} "
+                          "(data.length_buckets, data.max_length)")
+    mcfg, (state, frozen, batch) = plan(config, mesh, tx, length)
     t0 = time.time()
     lowered = builder.lower_step(config, mcfg, mesh, tx, sched, (state, frozen, batch))
     t1 = time.time()
@@ -267,11 +279,11 @@ def compile_config(
     hbm = int(topo.hbm_gib * GIB)
     margin = hbm - int(hbm_margin_gib * GIB) - mem["total_bytes"]
     count = lambda t: sum(math.prod(x.shape) for x in jax.tree.leaves(t))  # noqa: E731
-    flops = model_flops(config, mcfg)
+    flops = model_flops(config, mcfg, length)
     return Report(
         config=config_name, topology=topo.name, num_slices=num_slices, devices=len(devices), mesh=dict(mesh.shape),
         llm_remat=mcfg.llm.remat, vision_remat=bool(mcfg.vision.remat), scan_layers=bool(mcfg.llm.scan_layers),
-        batch_size=int(config.train.batch_size), max_length=int(config.data.max_length),
+        batch_size=int(config.train.batch_size), max_length=length,
         trainable=list(config.train.trainable),
         params=count({k: v for k, v in frozen.items() if k in builder.PARTS}) + count(state.params),
         trainable_params=count(state.params),

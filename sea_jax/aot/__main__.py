@@ -21,6 +21,8 @@ flags.DEFINE_string("topology", "v4-8", f"slice name ({', '.join(TOPOLOGIES)}) o
 flags.DEFINE_integer("num_slices", 1, "slices joined over DCN (the data axis spans them)")
 flags.DEFINE_float("hbm_margin_gib", 0.5, "HBM kept free for the runtime when judging the fit")
 flags.DEFINE_bool("json", False, "print one JSON object instead of the text report")
+flags.DEFINE_integer("length", 0, "sequence length to compile: one of data.length_buckets (0 = data.max_length, "
+                     "the largest and most memory-hungry)")
 flags.mark_flags_as_required(["config"])
 
 
@@ -33,7 +35,7 @@ def main(argv) -> int:
     if not ok:
         cli.fail(f"cannot compile for TPU here: {why}")
     report = aot.compile_config(_CONFIG.value, f.topology, f.num_slices, f.hbm_margin_gib,
-                                config_name=config_flags.get_config_filename(f["config"]))
+                                config_name=config_flags.get_config_filename(f["config"]), length=f.length or None)
     print(json.dumps(report.to_json()) if f.json else report.text())
     return 0 if report.fits else 1
 

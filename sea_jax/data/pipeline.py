@@ -86,6 +86,7 @@ import grain
 import numpy as np
 
 from sea_jax import storage
+from sea_jax.data import buckets as buckets_lib
 from sea_jax.data import images as image_lib
 from sea_jax.data import mixing
 from sea_jax.data import mixture as mixture_lib
@@ -390,13 +391,23 @@ def _no_good_samples(skipped) -> None:
         "(data.max_length, data.template, data.image_root)")
 
 
-def _batch_dataset(shards: Sequence, rows_per_shard: int, collate, max_skips: int = 20_000):
+def _batch_dataset(shards: Sequence, rows_per_shard: int, collate, max_skips: int = 20_000, group: int = 1,
+                   seed: int = 0):
+    """Batches of ``rows_per_shard`` good rows from each shard stream; with ``group > 1`` rows of
+    similar length travel together (:func:`sea_jax.data.buckets.group_window` over windows of
+    ``group`` batches)."""
 
     class BatchIterDataset(grain.IterDataset):
         """Takes ``rows_per_shard`` good samples from each shard stream (skipping the bad ones,
         which it collects), collates them into one batch. More than ``max_skips`` bad samples
         for one batch means the data (or the settings) reject everything: a DataFormatError
-        saying why, not an endless search."""
+        saying why, not an endless search.
+
+        Grouped (``group > 1``): reads a window of ``group`` batches' rows from every shard, sorts
+        each shard's by length, and serves the window's batches in an order drawn from
+        ``(seed, window)``; a window's skips travel with its first batch. The state is the
+        shards' positions at the window's start plus how many of its batches were served: a
+        restored iterator reads the window again and drops those, so resume is exact."""
 
         def __init__(self):
             super().__init__(list(shards))
@@ -405,42 +416,101 @@ def _batch_dataset(shards: Sequence, rows_per_shard: int, collate, max_skips: in
             return BatchIterator([iter(s) for s in self.parents])
 
         def __str__(self):
-            return f"BatchIterDataset(rows_per_shard={rows_per_shard})"
+            return f"BatchIterDataset(rows_per_shard={rows_per_shard}, group={group})"
 
     class BatchIterator(grain.DatasetIterator):
         def __init__(self, parents):
             super().__init__(parents)
+            self._queue: list[dict[str, Any]] = []  # the current window's batches not yet served
+            self._start: list[Any] | None = None  # the shards' states at the current window's start
+            self._window = 0  # index of the next window to read
+            self._served = 0  # batches of the current window served
+            self._drop = 0  # after set_state: batches of the re-read window served before the save
+            self._ended = False
+
+        def _take(self, it, n: int, skipped: list) -> tuple[list, bool]:
+            rows = []
+            while len(rows) < n:
+                try:
+                    el = next(it)
+                except StopIteration:
+                    return rows, True
+                if "skip" in el:
+                    skipped.append((el["skip"], el["sample_id"], el["detail"], el["source"]))
+                    if len(skipped) > max_skips * max(n // rows_per_shard, 1):
+                        _no_good_samples(skipped)
+                else:
+                    rows.append(el)
+            return rows, False
 
         def __next__(self):
-            rows, skipped = [], []
-            for it in self._parents:
-                got = 0
-                while got < rows_per_shard:
-                    try:
-                        el = next(it)
-                    except StopIteration:
+            if group <= 1:
+                rows, skipped = [], []
+                for it in self._parents:
+                    got, ended = self._take(it, rows_per_shard, skipped)
+                    if ended:
                         # The end of a finite (num_epochs) stream: hand the last skips over so
                         # the counts stay exact, then stop.
                         if skipped:
                             return {"skipped": skipped, "end": True}
-                        raise
-                    if "skip" in el:
-                        skipped.append((el["skip"], el["sample_id"], el["detail"], el["source"]))
-                        if len(skipped) > max_skips:
-                            _no_good_samples(skipped)
-                    else:
-                        rows.append(el)
-                        got += 1
-            batch = collate(rows)
-            batch["skipped"] = skipped
-            return batch
+                        raise StopIteration
+                    rows += got
+                batch = collate(rows)
+                batch["skipped"] = skipped
+                return batch
+            if not self._queue:
+                self._fill()
+            self._served += 1
+            return self._queue.pop(0)
+
+        def _fill(self) -> None:
+            if self._ended:
+                raise StopIteration
+            self._start = [it.get_state() for it in self._parents]
+            skipped: list = []
+            per_shard, ended = [], False
+            for it in self._parents:
+                got, end = self._take(it, group * rows_per_shard, skipped)
+                per_shard.append(got)
+                ended |= end
+            k = min(len(r) for r in per_shard) // rows_per_shard
+            if k == 0:
+                self._ended = True
+                if skipped:
+                    self._queue, self._served = [{"skipped": skipped, "end": True}], 0
+                    return
+                raise StopIteration
+            self._ended = ended
+            orders = [buckets_lib.group_window([len(r["input_ids"]) for r in rows[:k * rows_per_shard]], k, seed,
+                                               self._window) for rows in per_shard]
+            batches = []
+            for j in range(k):
+                batch = collate([rows[i] for rows, order in zip(per_shard, orders) for i in order[j]])
+                batch["skipped"] = skipped if j == 0 else []
+                batches.append(batch)
+            self._window += 1
+            self._queue, self._served = batches[self._drop:], self._drop
+            self._drop = 0
 
         def get_state(self):
-            return {"shards": [it.get_state() for it in self._parents]}
+            if group <= 1:
+                return {"shards": [it.get_state() for it in self._parents]}
+            if self._queue:  # inside a window: where it started, and how far it was served
+                return {"shards": self._start, "window": self._window - 1, "served": self._served}
+            return {"shards": [it.get_state() for it in self._parents], "window": self._window, "served": 0}
 
         def set_state(self, state):
+            if group > 1 and "window" not in state:
+                raise ConfigError("the checkpoint's data state was saved without data.group_batches; "
+                                  "resume with the same data.group_batches")
+            if group <= 1 and "window" in state:
+                raise ConfigError(f"the checkpoint's data state was saved with data.group_batches > 1; "
+                                  f"resume with the same data.group_batches (not {group})")
             for it, s in zip(self._parents, state["shards"]):
                 it.set_state(s)
+            if group > 1:
+                self._window, self._drop = int(state["window"]), int(state["served"])
+                self._queue, self._served, self._ended = [], 0, False
 
     return BatchIterDataset()
 
@@ -734,7 +804,8 @@ def make_train_iterator(config, tokenizer, image_token_id: int, num_image_tokens
         shard_streams.append(ds)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     label_shape = (labels.num_patches, labels.top_n) if labels is not None else None
-    ds = _batch_dataset(shard_streams, rows, Collate(int(dc.max_length), int(image_size), pad_id, label_shape))
+    ds = _batch_dataset(shard_streams, rows, Collate(int(dc.max_length), int(image_size), pad_id, label_shape),
+                        group=int(dc.get("group_batches", 0)) or 1, seed=int(config.seed))
     if int(dc.prefetch) > 0:
         import grain.experimental as gx
 

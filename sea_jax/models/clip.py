@@ -365,6 +365,7 @@ class Encoder(nn.Module):
     remat: bool = False
     remat_policy: str = "nothing_saveable"
     collect: bool = True
+    keep: int | None = None  # with collect=False: only this hidden state (stack.run_blocks)
 
     @nn.compact
     def __call__(self, x: Array):
@@ -380,7 +381,8 @@ class Encoder(nn.Module):
             collect=self.collect,
         )
         x, hidden = stack.run_blocks(EncoderLayer, kw, x, depth=self.depth, name="layers", scan=self.scan,
-                                     remat=self.remat, remat_policy=self.remat_policy, collect=self.collect)
+                                     remat=self.remat, remat_policy=self.remat_policy, collect=self.collect,
+                                     keep=self.keep)
         return x, hidden
 
 
@@ -478,8 +480,12 @@ class ImageTower(nn.Module):
 
     @nn.compact
     def __call__(
-        self, images: Array, *, patch_features: str | None = None, hidden_states: bool = True
+        self, images: Array, *, patch_features: str | None = None, hidden_states: bool = True,
+        keep_hidden: int | None = None,
     ) -> ImageEncoding:
+        """``keep_hidden``: with ``hidden_states=False``, only that hidden state (an index, HF
+        numbering) is computed into ``hidden_states``, the other entries None: the step reads one
+        layer, and the stack of all of them is not built."""
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         mode = cfg.patch_features if patch_features is None else patch_features
@@ -510,6 +516,7 @@ class ImageTower(nn.Module):
             remat=cfg.remat,
             remat_policy=cfg.remat_policy,
             collect=hidden_states,
+            keep=keep_hidden,
             name="encoder",
         )(x)
         # LayerNorm is per token, so normalizing the whole sequence once gives the CLS row HF

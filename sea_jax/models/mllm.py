@@ -215,7 +215,9 @@ class MLLM:
         if cfg.s2 is not None:
             feats, enc = s2.s2_encode(self.image_tower, vision_params["img"], images, cfg.s2, layer)
         else:
-            enc = self.image_tower.apply({"params": vision_params["img"]}, images, hidden_states=True)
+            # only the layer the adapter reads: the stack of every layer's output is not built
+            enc = self.image_tower.apply({"params": vision_params["img"]}, images, hidden_states=False,
+                                         keep_hidden=layer)
             feats = enc.hidden_states[layer][:, drop:]
         return VisionFeatures(feats, enc.patch_embeds, enc)
 

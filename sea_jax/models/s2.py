@@ -261,7 +261,7 @@ def hidden_state_fn(tower: Any, params: Any, layer: int = -2, num_prefix_tokens:
     drop = getattr(tower.cfg, "num_prefix_tokens", 0) if num_prefix_tokens is None else num_prefix_tokens
 
     def fn(images: Array) -> Array:
-        enc = tower.apply({"params": params}, images, hidden_states=True)
+        enc = tower.apply({"params": params}, images, hidden_states=False, keep_hidden=layer)
         return enc.hidden_states[layer][:, drop:]
 
     return fn
@@ -279,7 +279,8 @@ def s2_encode(
     features (module docstring). ``patch_features`` is passed to the tower.
     """
     drop = getattr(tower.cfg, "num_prefix_tokens", 0)
-    base = tower.apply({"params": params}, base_images(images, cfg), patch_features=patch_features, hidden_states=True)
+    base = tower.apply({"params": params}, base_images(images, cfg), patch_features=patch_features,
+                       hidden_states=False, keep_hidden=layer)
     fn = hidden_state_fn(tower, params, layer, drop)
     feats = [base.hidden_states[layer][:, drop:]]
     feats += [scale_features(fn, images, s, cfg) for s in cfg.scales[1:]]

@@ -368,6 +368,7 @@ class Encoder(nn.Module):
     remat: bool = False
     remat_policy: str = "nothing_saveable"
     collect: bool = True
+    keep: int | None = None  # with collect=False: only this hidden state (stack.run_blocks)
 
     @nn.compact
     def __call__(self, x: Array):
@@ -381,7 +382,8 @@ class Encoder(nn.Module):
             collect=self.collect,
         )
         x, hidden = stack.run_blocks(Encoder1DBlock, kw, x, depth=self.depth, name="encoderblock", scan=self.scan,
-                                     remat=self.remat, remat_policy=self.remat_policy, collect=self.collect)
+                                     remat=self.remat, remat_policy=self.remat_policy, collect=self.collect,
+                                     keep=self.keep)
         x = _layer_norm(self.eps, self.dtype, self.param_dtype, "encoder_norm")(x)
         return x, hidden
 
@@ -432,8 +434,12 @@ class ImageTower(nn.Module):
 
     @nn.compact
     def __call__(
-        self, images: Array, *, patch_features: str | None = None, hidden_states: bool = True
+        self, images: Array, *, patch_features: str | None = None, hidden_states: bool = True,
+        keep_hidden: int | None = None,
     ) -> ImageEncoding:
+        """``keep_hidden``: with ``hidden_states=False``, only that hidden state (an index, HF
+        numbering) is computed into ``hidden_states``, the other entries None: the step reads one
+        layer, and the stack of all of them is not built."""
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         mode = cfg.patch_features if patch_features is None else patch_features
@@ -477,6 +483,7 @@ class ImageTower(nn.Module):
             remat=cfg.remat,
             remat_policy=cfg.remat_policy,
             collect=hidden_states,
+            keep=keep_hidden,
             name="Transformer",
         )(x)
         pooled, per_token = MAPHead(

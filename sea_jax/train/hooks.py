@@ -84,8 +84,13 @@ class LogHook:
 
     * ``step_time``: wall seconds per step; ``data_wait``: of which the loop was blocked on the
       input pipeline (the clock's ``data_wait`` phase); ``compute_time`` = the difference;
-    * ``tokens_per_s`` (``batch_size x sequence length / step_time``), ``tflops_per_device`` and
-      ``mfu`` (``flops`` per step against the chip's ``peak`` TFLOP/s; None when unknown).
+    * computed tokens (``batch_size x`` the step's sequence length, its length bucket) and real
+      ones (non-pad, the step's ``real_tokens``): ``tokens_per_s`` and ``real_tokens_per_s``,
+      ``padding_fraction`` (1 - real / computed), ``seq_len`` (the logged step's bucket);
+    * ``tflops_per_device`` and ``mfu``: the analytic FLOPs of the steps run (``flops_for`` their
+      length) against the chip's ``peak`` TFLOP/s (None when unknown); ``mfu_real``: the same
+      counting only real tokens' share of each step (per-token FLOPs at the step's length times
+      real tokens), the figure that padding cannot inflate.
 
     With ``histograms``, also histograms (TensorBoard, W&B) of the per-step ``unique_labels`` and
     ``candidates`` of the steps since the previous row (collected by :meth:`collect`, which must
@@ -95,13 +100,14 @@ class LogHook:
 
     WINDOW_KEYS = ("unique_labels", "candidates")
 
-    def __init__(self, tracker, progress, clock, flops_per_step: float, peak_tflops: float | None, batch_size: int,
-                 data_stats: Callable[[], dict], histograms: bool = True):
+    def __init__(self, tracker, progress, clock, flops_for: Callable[[int], float], peak_tflops: float | None,
+                 batch_size: int, data_stats: Callable[[], dict], histograms: bool = True):
         self.tracker, self.progress, self.clock = tracker, progress, clock
-        self.flops, self.peak, self.batch_size = flops_per_step, peak_tflops, batch_size
+        self.flops_for, self.peak, self.batch_size = flops_for, peak_tflops, batch_size
         self.data_stats, self.histograms = data_stats, histograms
         self.last: dict[str, Any] = {}
         self._window: list[dict[str, Any]] = []
+        self._steps: list[tuple[int, Any]] = []  # (sequence length, real tokens) of each step since the last row
         self.restart_clock(0)
 
     def restart_clock(self, step: int) -> None:
@@ -110,23 +116,34 @@ class LogHook:
 
     def collect(self, info: StepInfo) -> None:
         """Keeps this step's window metrics (device scalars: no wait for the step here)."""
+        self._steps.append((int(np.shape(info.batch["input_ids"])[1]), info.metrics.get("real_tokens")))
         if self.histograms:
             self._window.append({k: info.metrics[k] for k in self.WINDOW_KEYS if k in info.metrics})
 
     def __call__(self, info: StepInfo) -> None:
-        m, window = jax.device_get((info.metrics, self._window))  # waits for the step: productive time
-        self._window = []
+        m, window, steps = jax.device_get((info.metrics, self._window, self._steps))  # waits: productive time
+        self._window, self._steps = [], []
         n = max(info.step - self._step, 1)
         dt = (time.time() - self._t) / n
         wait = (self.clock.total("data_wait") - self._wait) / n
         self.restart_clock(info.step)
         with self.clock.phase("logging"):
             seq = int(np.shape(info.batch["input_ids"])[1])
-            tflops = self.flops / dt / jax.device_count() / 1e12
+            steps = steps or [(seq, m.get("real_tokens"))]
+            flops = sum(self.flops_for(length) for length, _ in steps)
+            computed = sum(self.batch_size * length for length, _ in steps)
+            real = sum(int(r) if r is not None else self.batch_size * length for length, r in steps)
+            real_flops = sum(self.flops_for(length) * (int(r) / (self.batch_size * length) if r is not None else 1.0)
+                             for length, r in steps)
+            span = dt * len(steps)
+            tflops = flops / span / jax.device_count() / 1e12
+            tflops_real = real_flops / span / jax.device_count() / 1e12
             row = {k: np.asarray(v).item() for k, v in m.items()}
-            row.update(step_time=dt, data_wait=wait, compute_time=max(dt - wait, 0.0),
-                       tokens_per_s=self.batch_size * seq / dt, tflops_per_device=tflops,
-                       mfu=(tflops / self.peak) if self.peak else None)
+            row.update(step_time=dt, data_wait=wait, compute_time=max(dt - wait, 0.0), seq_len=seq,
+                       tokens_per_s=computed / span, real_tokens_per_s=real / span,
+                       padding_fraction=1.0 - real / max(computed, 1), tflops_per_device=tflops,
+                       mfu=(tflops / self.peak) if self.peak else None,
+                       mfu_real=(tflops_real / self.peak) if self.peak else None)
             row.update(self.data_stats())  # skipped/<reason>, skipped_total, truncated, ...
             self.tracker.log(info.step, row)
             if self.histograms:

@@ -38,6 +38,7 @@ from sea_jax import checkpoint as ckpt_lib
 from sea_jax import config as config_lib
 from sea_jax import metrics as metrics_lib
 from sea_jax import progress as progress_lib
+from sea_jax.data import buckets as buckets_lib
 from sea_jax.errors import ConfigError, PathError
 from sea_jax.train import hooks as hooks_lib
 from sea_jax.train_step import init_state, split_params
@@ -149,15 +150,30 @@ class Program:
     flops: dict
 
 
-def compile_program(config, p: Plan, mesh, tx, schedule) -> Program:
-    """Lowers and compiles the train step from the plan's abstract inputs (no weights, no batch)."""
+def compile_program(config, p: Plan, mesh, tx, schedule, length: int | None = None) -> Program:
+    """Lowers and compiles the train step from the plan's abstract inputs (no weights, no batch)
+    for rows of ``length`` tokens (a bucket; default ``data.max_length``)."""
     t0 = time.time()
-    step = builder.lower_step(config, p.mcfg, mesh, tx, schedule, p.inputs).compile()
+    length = int(length or config.data.max_length)
+    state, frozen, _ = p.inputs
+    inputs = (state, frozen, builder.abstract_batch(config, p.mcfg, mesh, length))
+    step = builder.lower_step(config, p.mcfg, mesh, tx, schedule, inputs).compile()
     flops = metrics_lib.train_step_flops(
-        builder.flop_spec(config, p.mcfg, builder.abstract_params(p.mcfg, mesh), len(p.words)))
-    logging.info("compiled the train step in %.1fs; %.3g TFLOP per step %s", time.time() - t0, flops["total"] / 1e12,
-                 {k: f"{v / 1e12:.3g}" for k, v in flops.items() if k != "total"})
-    return Program(step, *p.inputs, flops)
+        builder.flop_spec(config, p.mcfg, builder.abstract_params(p.mcfg, mesh), len(p.words), length))
+    logging.info("compiled the train step for length %d in %.1fs; %.3g TFLOP per step %s", length, time.time() - t0,
+                 flops["total"] / 1e12, {k: f"{v / 1e12:.3g}" for k, v in flops.items() if k != "total"})
+    return Program(step, *inputs, flops)
+
+
+def agreed_length(buckets: tuple[int, ...], local: Mapping[str, np.ndarray]) -> int:
+    """The bucket of this global batch: the smallest that holds the longest row of every
+    process's rows (all processes must run the same shape)."""
+    longest = buckets_lib.longest(local)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+    return buckets_lib.bucket_for(buckets, longest)
 
 
 def check_log_config(config) -> None:
@@ -207,8 +223,16 @@ def _run(config, run: rundir.RunDir, extra: hooks_lib.Hooks, clock: goodput.Cloc
     if is_main:
         run.save_config(config)
         run.save_tokenizer(tokenizer)
-    with clock.phase("compile"):
-        program = compile_program(config, p, mesh, tx, schedule)
+    buckets = builder.length_buckets(config)
+    with clock.phase("compile"):  # the largest bucket first: the one that needs the most memory
+        programs = {buckets[-1]: compile_program(config, p, mesh, tx, schedule, buckets[-1])}
+    program = programs[buckets[-1]]
+
+    def program_for(length: int) -> Program:
+        if length not in programs:  # each bucket compiled once, when a batch first needs it
+            with clock.phase("compile"):
+                programs[length] = compile_program(config, p, mesh, tx, schedule, length)
+        return programs[length]
 
     # --- parameters, SEA tables, state -----------------------------------------------------------
     with clock.phase("load"):
@@ -255,7 +279,7 @@ def _run(config, run: rundir.RunDir, extra: hooks_lib.Hooks, clock: goodput.Cloc
                                    config_dict=json.loads(config.to_json()))
     progress = progress_lib.Progress(steps, start, enabled=is_main and bool(config.train.progress),
                                      every=int(config.log.progress_every))
-    log = hooks_lib.LogHook(tracker, progress, clock, program.flops["total"],
+    log = hooks_lib.LogHook(tracker, progress, clock, lambda length: program_for(length).flops["total"],
                             metrics_lib.peak_tflops(jax.devices()[0].device_kind), int(config.train.batch_size),
                             data_stats.as_dict, histograms=bool(config.log.histograms))
     preempt = ckpt_lib.PreemptionFlag().install()
@@ -287,8 +311,11 @@ def _run(config, run: rundir.RunDir, extra: hooks_lib.Hooks, clock: goodput.Cloc
                     local = next(data_iter)
                 if np.shape(local["input_ids"])[0] != local_rows:
                     raise ValueError(f"the data gave {np.shape(local['input_ids'])[0]} rows, expected {local_rows}")
+                length = agreed_length(buckets, local)
+                local = buckets_lib.trim(local, length)
+                prog = program_for(length)
                 with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
-                    state, m = program.step(state, frozen, global_batch(local, program.batch))
+                    state, m = prog.step(state, frozen, global_batch(local, prog.batch))
                 step += 1
                 progress.advance()
                 info = hooks_lib.StepInfo(step, steps, state, m, local)
@@ -323,4 +350,4 @@ def _run(config, run: rundir.RunDir, extra: hooks_lib.Hooks, clock: goodput.Cloc
     return dict(log.last, step=step, stopped=stopped, data=stats, goodput=summary)
 
 
-__all__ = ["train", "check_paths", "check_log_config", "plan", "compile_program", "global_batch", "Plan", "Program", "DEVICE_KEYS"]
+__all__ = ["train", "check_paths", "check_log_config", "plan", "compile_program", "agreed_length", "global_batch", "Plan", "Program", "DEVICE_KEYS"]
