@@ -2,6 +2,7 @@
 to the visual tokens (the paper's code, transformers 4) and folded into the export; a CLIP tower
 (LLaVA-1.5's CLS-dropping feature selection) exported to and imported from an HF Llava folder."""
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -162,3 +163,50 @@ def test_keeping_one_hidden_state_equals_collecting_all(family, scan, remat):
                                    rtol=1e-6, atol=1e-6)
     kept = tower.init(jax.random.key(0), x, hidden_states=False, keep_hidden=-2)["params"]
     assert jax.tree.structure(kept) == jax.tree.structure(params)
+
+
+def test_s2_model_exports_its_parts_that_transformers_loads(tmp_path):
+    """No transformers class computes S2 features, so an S2 model exports as parts: the LLM
+    (AutoModelForCausalLM gives our text logits), the CLIP tower (CLIPVisionModel gives our hidden
+    states), the adapter (LLaVA's names, input 2 x width here) and s2.json saying how they fit."""
+    import json as json_lib
+
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPModel
+
+    from sea_jax.models import s2
+
+    base = _clip_mllm()
+    cfg = MLLMConfig(base.llm, base.vision, base.image_token_id, s2=s2.S2Config((16, 32)))
+    params = lib.init_params(cfg, seed=7)
+    tok = lib.make_tokenizer()
+    files = hf_llava.export_parts(cfg, params, tok, str(tmp_path))
+    assert all(os.path.exists(f) for f in files)
+    meta = json_lib.load(open(tmp_path / hf_llava.S2_FILE))
+    assert meta["s2_scales"] == [16, 32] and meta["vision_feature_layer"] == cfg.vision_feature_layer
+    assert meta["num_image_tokens"] == cfg.num_image_tokens and meta["image_token_id"] == cfg.image_token_id
+    pixels, ids = _batch(cfg, seed=4)
+    jp = jax.tree.map(jnp.asarray, params)
+    # the LLM: text-only logits
+    text_ids = np.where(np.asarray(ids) == cfg.image_token_id, 3, np.asarray(ids))
+    llm = AutoModelForCausalLM.from_pretrained(tmp_path / "llm").eval()
+    with torch.no_grad():
+        want = llm(torch.from_numpy(text_ids).long()).logits.numpy()
+    from sea_jax.models.llm import LLM
+
+    got = LLM(cfg.llm).apply({"params": jp["llm"]}, jnp.asarray(text_ids)).logits
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
+    assert AutoTokenizer.from_pretrained(tmp_path / "llm").convert_tokens_to_ids("<image>") == cfg.image_token_id
+    # the tower: the hidden state the adapter reads, at the base scale
+    vis = CLIPModel.from_pretrained(tmp_path / "vision").vision_model.eval()
+    base_px = np.asarray(s2.base_images(pixels, cfg.s2))
+    with torch.no_grad():
+        hs = vis(torch.from_numpy(base_px).permute(0, 3, 1, 2), output_hidden_states=True).hidden_states
+    ours = clip.ImageTower(cfg.vision).apply({"params": jp["vision"]["img"]}, jnp.asarray(base_px))
+    np.testing.assert_allclose(np.asarray(ours.hidden_states[cfg.vision_feature_layer]),
+                               hs[cfg.vision_feature_layer].numpy(), atol=1e-4, rtol=1e-4)
+    # the adapter: LLaVA's names, [out, in] with the 2-scale input width
+    adapter = load_file(str(tmp_path / hf_llava.ADAPTER_FILE))
+    np.testing.assert_array_equal(adapter["model.mm_projector.0.weight"],
+                                  np.asarray(params["adapter"]["linear_1"]["kernel"]).T)
+    assert adapter["model.mm_projector.0.weight"].shape[1] == cfg.adapter_in_dim == 2 * cfg.vision.width

@@ -116,7 +116,8 @@ def _check_exportable(cfg: MLLMConfig) -> None:
     if cfg.s2 is not None:
         raise NotImplementedError(
             "transformers has no Llava class that computes S2 multi-scale features: export the parts instead "
-            "(sea_jax.convert.hf_llava.export_parts: the LLM, the vision tower, the adapter and s2.json)")
+            "(sea_jax.convert.hf_llava.export_parts: the LLM, the vision tower, the adapter and s2.json; "
+            "python -m sea_jax.export does this for an S2 run)")
     n_hidden = cfg.vision.depth + 1
     if not -n_hidden <= cfg.vision_feature_layer < n_hidden:
         raise ValueError(f"vision_feature_layer {cfg.vision_feature_layer} outside the tower's {n_hidden} hidden states")
@@ -338,12 +339,72 @@ def export_adapter(cfg: MLLMConfig, adapter: Mapping, out_dir: str, dtype: Any =
     meta = {
         "format": "pt",
         "mm_projector_type": cfg.adapter,
-        "mm_hidden_size": str(cfg.vision.width),
+        "mm_hidden_size": str(cfg.adapter_in_dim),  # 3 x width with S2
         "hidden_size": str(cfg.llm.hidden),
         "mm_vision_select_layer": str(cfg.vision_feature_layer),
     }
     save_file(tensors, path, metadata=meta)
     return path
+
+
+S2_FILE = "s2.json"
+
+
+def export_parts(
+    cfg: MLLMConfig,
+    params: Mapping,
+    tokenizer: Any,
+    out_dir: str,
+    dtype: Any = np.float32,
+    pad_to_square: bool = False,
+    chat_template: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> list[str]:
+    """Writes a model that no single transformers class computes (S2 multi-scale features) as its
+    loadable parts, the closest thing to a Llava folder:
+
+    * ``llm/``: the LLM as ``AutoModelForCausalLM`` loads it, with the tokenizer as trained
+      (``<image>`` added, the chat template);
+    * ``vision/``: the tower as ``CLIPModel`` / ``SiglipModel`` loads it;
+    * ``mm_projector.safetensors``: the adapter (:func:`export_adapter`; input 3 x width with S2),
+      with Gemma's visual-token scale folded in as in :func:`export_llava`;
+    * ``s2.json``: how to put them together: the S2 scales, the hidden state the adapter reads,
+      the prefix tokens dropped, the image size, mean / std and padding, ``<image>``'s id and the
+      number of image tokens (LLaVA-S2's ``s2wrapper`` over the vision model gives the features).
+
+    ``params`` must be host (numpy) arrays, as :func:`sea_jax.builder.load_trained` gives them.
+    Returns the files written (paths under ``out_dir``).
+    """
+    np_dtype = _np_dtype(dtype)
+    folded = fold_visual_scale(cfg, params)
+    llm_dir, vision_dir = os.path.join(out_dir, "llm"), os.path.join(out_dir, "vision")
+    os.makedirs(llm_dir, exist_ok=True)
+    os.makedirs(vision_dir, exist_ok=True)
+    files = [os.path.join(llm_dir, f) for f in hf_llm.save_hf_llm(cfg.llm, folded["llm"], llm_dir, np_dtype,
+                                                                  max_shard_bytes)]
+    tok = llava_files.prepare_tokenizer(tokenizer, cfg, chat_template)
+    tok.save_pretrained(llm_dir)
+    if isinstance(cfg.vision, clip.CLIPConfig):
+        written = hf_clip.save_hf_clip(cfg.vision, folded["vision"], vision_dir, np_dtype, max_shard_bytes)
+    else:
+        written = hf_siglip.save_hf_siglip(vision_dir, cfg.vision, folded["vision"], np_dtype, max_shard_bytes)
+    files += [os.path.join(vision_dir, f) for f in written]
+    files.append(export_adapter(cfg, folded["adapter"], out_dir, np_dtype))
+    spec = cfg.pixel_spec
+    meta = {
+        "s2_scales": list(cfg.s2.scales) if cfg.s2 is not None else None,
+        "vision_feature_layer": cfg.vision_feature_layer,
+        "num_prefix_tokens": cfg.vision.num_prefix_tokens,
+        "image_size": cfg.image_size,
+        "image_mean": list(spec.mean), "image_std": list(spec.std), "pad_to_square": bool(pad_to_square),
+        "image_token_id": cfg.image_token_id,
+        "num_image_tokens": cfg.num_image_tokens,
+        "adapter": cfg.adapter,
+        "visual_token_scale_folded": float(cfg.visual_token_scale),
+    }
+    path = os.path.join(out_dir, S2_FILE)
+    _write_json(path, meta)
+    return files + [path]
 
 
 def load_adapter(path: str, kind: str | None = None) -> tuple[str, dict]:
@@ -471,6 +532,8 @@ __all__ = [
     "config_from_llava",
     "export_llava",
     "export_adapter",
+    "export_parts",
+    "S2_FILE",
     "load_adapter",
     "adapter_mapping",
     "read_llava_config",

@@ -17,6 +17,8 @@ def export_workdir(workdir: str, out: str, step: int | None = None, dtype: str =
     """Writes the run of ``workdir`` (``stage``, default the highest) at ``step`` (default the
     newest) to ``out`` (local or ``gs://``, like ``workdir``); returns the files written. ``eos_is_end_of_turn``: see
     :func:`sea_jax.convert.llava_files.prepare_tokenizer`."""
+    from absl import logging
+
     from sea_jax import storage
     from sea_jax.builder import load_trained
     from sea_jax.convert import hf_llava
@@ -26,6 +28,12 @@ def export_workdir(workdir: str, out: str, step: int | None = None, dtype: str =
     with storage.as_local(out, write=True) as local:
         if adapter_only:
             files = [hf_llava.export_adapter(m.cfg, m.params["adapter"], local, dtype=dtype)]
+        elif m.cfg.s2 is not None:  # no transformers class computes S2 features: the parts
+            logging.warning("an S2 model has no transformers Llava class: writing its parts (llm/, vision/, "
+                            "mm_projector.safetensors, s2.json) to %s", out)
+            files = hf_llava.export_parts(m.cfg, m.params, m.tokenizer, local, dtype=dtype,
+                                          pad_to_square=m.pad_to_square, chat_template=m.chat_template,
+                                          max_shard_bytes=max_shard_bytes)
         else:
             files = hf_llava.export_llava(
                 m.cfg, m.params, m.tokenizer, local, dtype=dtype, pad_to_square=m.pad_to_square,
