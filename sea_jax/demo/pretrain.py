@@ -18,9 +18,10 @@ problem). With random towers neither holds; these two steps make them hold on th
   text only, no patch truth. Why: trained on the pooled embedding alone, this 3-layer tower's
   per-patch labels matched no true word (0% top-1 on 64 held-out images; the per-patch features
   of a ViT trained on 512 images only at the image level do not localise). With the term (weight
-  3, 600 steps, ``configs/demo.py``) its top-1 label is a true word of the patch on 45% of the 64
-  held-out images' patches (99% of object patches, 37% of background patches), its top-5 on 69%
-  (the demo reports the latter as ``siglip_label_truth_accuracy``).
+  3, 600 steps, ``configs/demo.py``) its top-5 labels hold a true word of the patch on 67% of the
+  64 held-out images' patches (``siglip_label_truth_accuracy`` in the demo's report; 69% on the
+  tower of an earlier version of the model code, whose top-1 was right on 99% of object patches
+  and 37% of background ones).
 * :func:`pretrain_llm`: a Gemma-architecture LM (the config's ``llm`` preset and overrides)
   trained with next-token loss on the captions and the question/answer conversations written with
   the tokenizer's chat template.
