@@ -223,7 +223,7 @@ def main():
         "# Stage-1 SEA step time on this CPU",
         "",
         f"`python benchmarks/step_time.py --steps {args.steps} --rounds {args.rounds}` on {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores (shared machine; ratios are what to read).",
+        f"{os.cpu_count()} cores (ratios are what to read).",
         "",
         f"Model: SigLIP {VISION['num_hidden_layers']}x{VISION['hidden_size']} at {VISION['image_size']} px / {VISION['patch_size']} "
         f"({(VISION['image_size'] // VISION['patch_size']) ** 2} patches), Gemma-style LLM {TEXT['num_hidden_layers']}x{TEXT['hidden_size']}, "
@@ -238,8 +238,9 @@ def main():
         f"- sea_jax speed-up over the PyTorch reference: **{med['torch'] / med['jax']:.2f}x**",
         f"- SEA overhead (lambda = 1 over lambda = 0): **{med['jax'] / med['jax_lam0']:.2f}x**",
         f"- load average (1/5/15 min) at start {tuple(round(x, 2) for x in load_start)}, at end "
-        f"{tuple(round(x, 2) for x in os.getloadavg())}: other processes shared the 2 cores, so absolute "
-        "times are inflated and noisy; the alternating medians' ratios are the figures to read.",
+        f"{tuple(round(x, 2) for x in os.getloadavg())} (the benchmark itself keeps one to two cores busy; "
+        "a start well above 1 means other jobs shared the machine); the alternating medians' ratios are the "
+        "figures to read.",
         "",
     ]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
