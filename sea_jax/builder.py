@@ -50,7 +50,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sea_jax import config as config_lib
-from sea_jax import sharding
+from sea_jax import sharding, storage
 from sea_jax.errors import ConfigError, PathError
 from sea_jax.models import llm as llm_lib
 from sea_jax.models import siglip
@@ -110,8 +110,6 @@ def local_path(path: str, weights: bool = True) -> str:
     Model checkpoints are read by libraries that want local files (safetensors' memory map,
     tokenizers, numpy's ``.npz``), hence the copy; the run's own outputs are written to the bucket
     directly (:mod:`sea_jax.storage`, Orbax)."""
-    from sea_jax import storage
-
     if not storage.is_remote(path):
         return path
     if weights or not storage.isdir(path):
@@ -124,8 +122,6 @@ def local_path(path: str, weights: bool = True) -> str:
 
 
 def _read_json(path: str, field: str) -> dict:
-    from sea_jax import storage
-
     if not storage.exists(path):
         raise PathError(f"config.{field}: {path} does not exist (expected a Hugging Face model folder)")
     try:
@@ -136,8 +132,6 @@ def _read_json(path: str, field: str) -> dict:
 
 def read_vision_hf(config) -> dict | None:
     """The vision checkpoint's config.json when it is an HF folder, else None."""
-    from sea_jax import storage
-
     vis = config.vision.checkpoint
     if config_lib.is_set(vis) and storage.isdir(vis):
         return _read_json(storage.join(vis, "config.json"), "vision.checkpoint")
@@ -151,7 +145,7 @@ def read_sources(config, tokenizer: Any | None = None) -> Sources:
     it is read when ``llm.tokenizer`` or ``llm.checkpoint`` is a real path, else the preset's
     :data:`PRESET_TOKENIZER_LEN` is used.
     """
-    llm_hf = _read_json(config.llm.checkpoint.rstrip("/") + "/config.json", "llm.checkpoint") \
+    llm_hf = _read_json(storage.join(config.llm.checkpoint, "config.json"), "llm.checkpoint") \
         if config_lib.is_set(config.llm.checkpoint) else None
     vision_hf = read_vision_hf(config)
     if tokenizer is None and (config_lib.is_set(config.llm.tokenizer) or config_lib.is_set(config.llm.checkpoint)):
@@ -535,7 +529,6 @@ def needs_word_table(config) -> bool:
 def word_list(config) -> list[str]:
     """The label vocabulary: the config's word list, or, with precomputed labels, the labeller's
     ``words.txt`` (label ids index it; a different list would silently mislabel)."""
-    from sea_jax import storage
     from sea_jax.align import semantic_labels as L
 
     if config.sea.label_source == "batch":

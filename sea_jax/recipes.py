@@ -74,7 +74,7 @@ def stage1(llm_placeholder: str, preset: str, tower: str = "siglip", s2: bool = 
     c.data.template = "plain"
     c.data.pad_to_square = False
     c.data.max_length = 2048
-    c.data.length_buckets = stage1_buckets((size // 14) ** 2)  # both towers have 14-px patches
+    c.data.length_buckets = stage1_buckets((size // int(variant.split("/")[1])) ** 2)  # "L/14": 14-px patches
     c.data.group_batches = STAGE1_GROUP_BATCHES
     c.data.num_threads = 16
     c.optim.lr = 1e-3
