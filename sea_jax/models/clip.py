@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 
 from sea_jax import sharding
-from sea_jax.models import stack
+from sea_jax.models import attention, stack
 from sea_jax.models.siglip import ImageEncoding, TextEncoding, l2_normalize
 
 Array = jax.Array
@@ -297,14 +297,14 @@ class SelfAttention(nn.Module):
         q = sharding.constrain(proj("q_proj")(x), heads)
         k = sharding.constrain(proj("k_proj")(x), heads)
         v = sharding.constrain(proj("v_proj")(x), heads)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (hd**-0.5)
+        logits = attention.scores(q, k, preferred_element_type=jnp.float32) * (hd**-0.5)
         if self.causal:
             l = x.shape[1]
             mask = jnp.tril(jnp.ones((l, l), bool))
             # The diagonal is always visible, so no row is fully masked and finfo.min is safe.
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        o = sharding.constrain(jnp.einsum("bhqk,bkhd->bqhd", w, v), heads)
+        o = sharding.constrain(attention.mix(w, v), heads)
         out = nn.DenseGeneral(
             self.width,
             axis=(-2, -1),

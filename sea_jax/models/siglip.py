@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sea_jax import sharding
-from sea_jax.models import stack
+from sea_jax.models import attention, stack
 
 Array = jax.Array
 
@@ -294,9 +294,9 @@ class Attention(nn.Module):
         k = sharding.constrain(self.key(xkv), heads)
         v = sharding.constrain(self.value(xkv), heads)
         q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = attention.scores(q, k, preferred_element_type=jnp.float32)
         w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        o = jnp.einsum("bhqk,bkhd->bqhd", w, v)
+        o = attention.mix(w, v)
         o = sharding.constrain(o, heads)
         return sharding.constrain(self.out(o), ("batch", "length", "act_embed"))
 

@@ -1,0 +1,44 @@
+"""The two matmuls of dot-product attention, in a head-major layout, shared by every model.
+
+Projections give tokens-major arrays, q [b, l, H, D] and k / v [b, s, K, D] (K key/value heads,
+H = K * G query heads; head h reads kv head h // G, HF's ``repeat_kv`` order, without repeating
+the keys). Written as one einsum on that layout (``bqhd,bkhd->bhqk``) the batch dimensions of
+the matmul (b, h) are not the leading ones, and XLA's CPU backend then runs it as a loop of
+small dots about 5x slower than the same FLOPs head-major (measured: ``benchmarks/step_time.py``
+and ``benchmarks/labels_throughput.py`` spend most of their vision tower there). So q, k and v
+are transposed to [b, K, G, l, D] / [b, K, s, D] first and the output back: the same math; on
+TPU the compiler folds these transposes into the matmuls' layouts.
+
+Scaling, masking, soft-capping and the softmax stay with each model (their dtypes differ); the
+functions here are only the layout and the two contractions.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+
+def scores(
+    q: Float[Array, "b l h d"], k: Float[Array, "b s k d"], preferred_element_type: Any = None
+) -> Float[Array, "b k g l s"]:
+    """q . k for every (query head, its kv head): [b, K, G, l, s] with H = K * G."""
+    b, l, h, d = q.shape
+    kv = k.shape[2]
+    if h % kv:
+        raise ValueError(f"{h} query heads are not a multiple of {kv} key/value heads")
+    qh = q.reshape(b, l, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [b, K, G, l, D]
+    kh = k.transpose(0, 2, 1, 3)  # [b, K, s, D]
+    return jnp.einsum("bkgld,bksd->bkgls", qh, kh, preferred_element_type=preferred_element_type)
+
+
+def mix(probs: Float[Array, "b k g l s"], v: Float[Array, "b s k d"]) -> Float[Array, "b l h d"]:
+    """The attention-weighted sum of the values, back in the tokens-major layout [b, l, H, D]."""
+    b, kv, g, l, _ = probs.shape
+    vh = v.transpose(0, 2, 1, 3)  # [b, K, s, D]
+    out = jnp.einsum("bkgls,bksd->bkgld", probs, vh)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, l, kv * g, v.shape[-1])
+
+
+__all__ = ["scores", "mix"]
