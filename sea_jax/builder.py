@@ -55,7 +55,7 @@ from sea_jax.errors import ConfigError, PathError
 from sea_jax.models import llm as llm_lib
 from sea_jax.models import siglip
 from sea_jax.models.adapter import Adapter
-from sea_jax.models.mllm import MLLMConfig
+from sea_jax.models.mllm import MLLMConfig, head_capacity
 from sea_jax.models.mllm import abstract_params as mllm_abstract_params
 from sea_jax.train_step import StepConfig, TrainState, batch_shardings, make_optimizer
 
@@ -701,15 +701,17 @@ def flop_spec(config, mcfg: MLLMConfig, abstract: Mapping, num_words: int, lengt
     from sea_jax import metrics
 
     on_the_fly = needs_word_table(config)
+    seq_len = int(length or config.data.max_length)
     return metrics.FlopSpec(
-        batch=int(config.train.batch_size), seq_len=int(length or config.data.max_length),
+        batch=int(config.train.batch_size), seq_len=seq_len,
         llm_matmul_params=metrics.llm_matmul_params(abstract["llm"], mcfg.llm.vocab_size, mcfg.llm.hidden),
         llm_layers=mcfg.llm.n_layers, llm_heads=mcfg.llm.n_heads, llm_head_dim=mcfg.llm.head_dim,
         vision_params=metrics.count_params(abstract["vision"]), vision_layers=mcfg.vision.depth,
         vision_width=mcfg.vision.width, patches=mcfg.num_image_tokens,
         adapter_params=metrics.count_params(abstract["adapter"]),
         trainable=frozenset(p for p in config.train.trainable if p != "log_tau"),
-        label_words=num_words if on_the_fly else 0, label_dim=mcfg.vision.width if on_the_fly else 0)
+        label_words=num_words if on_the_fly else 0, label_dim=mcfg.vision.width if on_the_fly else 0,
+        head_params=mcfg.llm.vocab_size * mcfg.llm.hidden, head_positions=head_capacity(mcfg, seq_len))
 
 
 # ----------------------------------------------------------------------------------------------

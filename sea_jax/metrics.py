@@ -16,7 +16,9 @@ token that goes through a part (padding included: it is computed, and MFU measur
   is trained (SEA-PRIME): its input is pixels, so no gradient is computed through it.
 * N counts the weights used in matmuls: all parameters except the LLM's input embedding table
   (a gather, no FLOPs), plus the LM head (``vocab x hidden``, which for tied embeddings is the
-  table itself). Norm scales and biases are included (negligible).
+  table itself). Norm scales and biases are included (negligible). The LM head counts only the
+  positions the step runs it on: where the image tokens (never targets) leave a few slots per
+  row, only those (``FlopSpec.head_positions``).
 * Attention scores and the weighted sum (QK^T and AV) have no weights: ``4 * layers * heads *
   head_dim * context`` FLOPs per token forward (2 matmuls x 2 FLOP/MAC), counted over the full
   context (no causal saving: PaLM's appendix-B convention, what MaxText-style MFU reports use),
@@ -83,6 +85,10 @@ class FlopSpec:
       adapter_params: adapter parameters.
       trainable: names of the trained parts among ``"vision"``, ``"adapter"``, ``"llm"``.
       label_words, label_dim: word-table size and joint dim for on-the-fly labelling (0 = off).
+      head_params, head_positions: the LM head's weights (``vocab x hidden``, part of
+        ``llm_matmul_params``) and the positions per row it runs on, when fewer than ``seq_len``
+        (the step's head runs on the target slots only, :func:`sea_jax.models.mllm.head_capacity`;
+        0 = every position).
     """
 
     batch: int
@@ -99,6 +105,8 @@ class FlopSpec:
     trainable: frozenset[str] = frozenset({"adapter"})
     label_words: int = 0
     label_dim: int = 0
+    head_params: int = 0
+    head_positions: int = 0
 
 
 def _mult(trained: bool, grad_through: bool) -> int:
@@ -134,6 +142,8 @@ def train_step_flops(spec: FlopSpec) -> dict[str, float]:
     l_mult = _mult(l_tr, l_through)
     l_attn = 4 * spec.llm_layers * spec.llm_heads * spec.llm_head_dim * spec.seq_len * (3 if (l_tr or l_through) else 1)
     llm = llm_tokens * (l_mult * spec.llm_matmul_params + l_attn)
+    if spec.head_positions:
+        llm -= spec.batch * (spec.seq_len - spec.head_positions) * l_mult * spec.head_params
 
     labels = 2.0 * img_tokens * spec.label_words * spec.label_dim
     out = {"vision": float(vision), "adapter": float(adapter), "llm": float(llm), "labels": float(labels)}

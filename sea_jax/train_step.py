@@ -35,7 +35,7 @@ from sea_jax import sharding
 from sea_jax.align import semantic_labels as labels_lib
 from sea_jax.align import loss as loss_lib
 from sea_jax.align import sampling
-from sea_jax.models.mllm import MLLM, lm_loss, lm_loss_chunked
+from sea_jax.models.mllm import MLLM, head_capacity, lm_loss_sum
 
 LABEL_SOURCES = ("on_the_fly", "batch")
 
@@ -177,17 +177,24 @@ def loss_fn(
     ``label_scores`` [B, p, n] (score <= 0 = no label).
     """
     params = {**frozen, **trainable}
-    fwd = model(params, batch["images"], batch["input_ids"], batch["attention_mask"])
-    l_lm, n_tokens = lm_loss(fwd.logits, batch["input_ids"], batch["loss_mask"])
-    if scfg.lam == 0:
-        loss, metrics = loss_lib.sea_objective(l_lm, jnp.zeros((), jnp.float32), 0.0)
-        metrics["target_tokens"] = n_tokens
-        return loss, metrics
-
-    align = _alignment(model, scfg, params, frozen, batch, key, mesh, fwd.visual_tokens, fwd.image.patch_embeds)
+    image = model.encode_images(params["vision"], batch["images"])
+    fwd = model.forward_features(params, image.features, batch["input_ids"], batch["attention_mask"],
+                                 compute_logits=False)
+    total, count = _lm_sum(model, scfg, params["llm"], fwd.hidden, batch["input_ids"], batch["loss_mask"])
+    l_lm = total / jnp.maximum(count, 1.0)
+    align = jnp.zeros((), jnp.float32)
+    if scfg.lam > 0:
+        align = _alignment(model, scfg, params, frozen, batch, key, mesh, fwd.visual_tokens, image.patch_embeds)
     loss, metrics = loss_lib.sea_objective(l_lm, align, scfg.lam)
-    metrics["target_tokens"] = n_tokens
+    metrics["target_tokens"] = count.astype(jnp.int32)
     return loss, metrics
+
+
+def _lm_sum(model, scfg, llm_params, hidden, input_ids, loss_mask):
+    """(sum of next-token losses, target count); the LM head runs on the target positions only
+    where they fit (:func:`sea_jax.models.mllm.lm_loss_sum`)."""
+    return lm_loss_sum(model, llm_params, hidden, input_ids, loss_mask, chunk=scfg.logits_chunk,
+                       capacity=head_capacity(model.cfg, input_ids.shape[1]))
 
 
 def _alignment(model, scfg, params, frozen, batch, key, mesh, visual_tokens, patch_embeds) -> loss_lib.AlignOut:
@@ -261,12 +268,8 @@ def accumulated_grads(
         prm = {**frozen, **p}
         feats = mb["feats"] if "feats" in mb else model.encode_images(prm["vision"], mb["images"]).features
         feats = sharding.constrain(feats, ("batch", "length", "act_embed"))
-        chunk = scfg.logits_chunk
-        fwd = model.forward_features(prm, feats, mb["input_ids"], mb["attention_mask"], compute_logits=not chunk)
-        if chunk:
-            return lm_loss_chunked(model, prm["llm"], fwd.hidden, mb["input_ids"], mb["loss_mask"], chunk)
-        mean, count = lm_loss(fwd.logits, mb["input_ids"], mb["loss_mask"])
-        return mean * count, count.astype(jnp.float32)
+        fwd = model.forward_features(prm, feats, mb["input_ids"], mb["attention_mask"], compute_logits=False)
+        return _lm_sum(model, scfg, prm["llm"], fwd.hidden, mb["input_ids"], mb["loss_mask"])
 
     def body(carry, mb):
         g_acc, s_acc, n_acc = carry

@@ -60,3 +60,13 @@ def test_peak_table():
     assert M.peak_tflops("NVIDIA A100-SXM4-40GB") == 312
     assert M.peak_tflops("cpu") is None
     assert M.peak_tflops(jax.devices()[0].device_kind) is None  # the test host is a CPU
+
+
+def test_lm_head_counted_on_its_positions_only():
+    """The head (part of llm_matmul_params) runs on head_positions of the seq_len positions."""
+    full = M.train_step_flops(_spec(head_params=400))
+    assert full == M.train_step_flops(_spec())  # head_positions 0: every position
+    few = M.train_step_flops(_spec(head_params=400, head_positions=3))
+    # stage 1: LLM frozen, gradient through it (4N); 2 rows x 7 positions without the head
+    assert full["llm"] - few["llm"] == 2 * 7 * 4 * 400
+    assert full["total"] - few["total"] == 2 * 7 * 4 * 400

@@ -155,7 +155,7 @@ class Forward(NamedTuple):
       visual_tokens: [b, p, d] adapter outputs (what SEA aligns).
       image: the vision side's outputs (``patch_embeds`` feeds on-the-fly labelling).
       hidden: [b, l, d] the LLM's final hidden states (after its final norm), when the LM head was
-        not applied (:func:`lm_loss_chunked` applies it a chunk at a time); else None.
+        not applied (:func:`lm_loss_sum` applies it where it runs the head); else None.
     """
 
     logits: Float[Array, "b l v"] | None
@@ -261,7 +261,7 @@ class MLLM:
         """Forward pass from the adapter's input features (:attr:`VisionFeatures.features`),
         e.g. computed once per step for a frozen tower and reused by every microbatch.
         ``compute_logits=False`` returns the final hidden states (``hidden``) instead of the logits
-        (for :func:`lm_loss_chunked`). ``image`` of the result is None."""
+        (for :func:`lm_loss_sum`). ``image`` of the result is None."""
         tokens = self.adapter.apply({"params": params["adapter"]}, feats)
         embeds = self.embed_inputs(params["llm"], input_ids, tokens)
         out = self.llm.apply(
@@ -290,42 +290,91 @@ def lm_loss(
     return nll.sum() / jnp.maximum(count, 1.0), count.astype(jnp.int32)
 
 
-def lm_loss_chunked(
+def target_positions(
+    loss_mask: Bool[Array, "b l"], capacity: int
+) -> tuple[Int[Array, "b c"], Bool[Array, "b c"], Bool[Array, ""]]:
+    """The first ``capacity`` next-token targets of each row, in order.
+
+    Returns (positions t into the shifted sequence: hidden[t] predicts token t + 1, marked by
+    ``loss_mask[:, t + 1]``; whether each slot holds a target; whether every row's targets fit).
+    """
+    m = loss_mask[:, 1:]
+    # a stable sort of "not a target" puts the targets first, in position order
+    pos = jnp.argsort(~m, axis=-1, stable=True)[:, :capacity].astype(jnp.int32)
+    return pos, jnp.take_along_axis(m, pos, axis=-1), jnp.all(m.sum(-1) <= capacity)
+
+
+def head_capacity(cfg: MLLMConfig, length: int) -> int:
+    """LM-head slots per row that hold every target of a sample with an image: the image's tokens
+    are never targets, so a row of ``length`` has at most ``length - 1 - num_image_tokens``.
+    0 when that saves nothing (no room for text, or no image tokens)."""
+    c = length - 1 - cfg.num_image_tokens
+    return c if 0 < c < length - 1 else 0
+
+
+def lm_loss_sum(
     model: MLLM,
     llm_params: Any,
     hidden: Float[Array, "b l d"],
     input_ids: Int[Array, "b l"],
     loss_mask: Bool[Array, "b l"],
-    chunk: int,
+    chunk: int = 0,
+    capacity: int = 0,
 ) -> tuple[Float[Array, ""], Float[Array, ""]]:
-    """Sum (not mean) of the next-token losses and the target count, never holding [b, l, vocab].
+    """Sum (not mean) of the next-token losses and the target count, from the final hidden states.
 
-    The LM head runs on ``chunk`` positions at a time inside a rematerialised scan: with Gemma's
-    256k vocabulary the full float32 logits of one 2048-token sample are 2 GiB, so stage 1 at
-    batch 256 cannot hold them; the backward pass recomputes each chunk's logits instead.
+    ``chunk`` > 0: the LM head runs ``chunk`` positions at a time inside a rematerialised scan,
+    never holding [b, l, vocab]: with Gemma's 256k vocabulary the float32 logits of one
+    2048-token sample are 2 GiB; the backward pass recomputes each chunk's logits instead. ``capacity`` > 0 (:func:`head_capacity`): the head runs only on
+    the first ``capacity`` targets of each row (gathered, per row, so a batch-sharded array stays
+    where it is) instead of every position. In stage 1 a row is 729 image tokens and a caption of
+    a few dozen, so this removes ~95% of the head's FLOPs (Gemma's 256k vocabulary makes the head a
+    fifth of the LLM's). A row with more targets than that (a text-only sample) sends the whole
+    batch through every position instead (``lax.cond``), so the result is always exact.
     """
-    b, l, d = hidden.shape
-    h = hidden[:, :-1]
-    targets = input_ids[:, 1:]
+    h, targets = hidden[:, :-1], input_ids[:, 1:]
     mask = loss_mask[:, 1:].astype(jnp.float32)
-    n = l - 1
+    count = mask.sum()
+
+    def every_position():
+        return _nll_sum(model, llm_params, h, targets, mask, chunk)
+
+    if not capacity:
+        return every_position(), count
+    pos, valid, fits = target_positions(loss_mask, capacity)
+
+    def targets_only():
+        hc = jnp.take_along_axis(h, pos[..., None], axis=1)
+        tc = jnp.take_along_axis(targets, pos, axis=1)
+        return _nll_sum(model, llm_params, hc, tc, valid.astype(jnp.float32), chunk)
+
+    return jax.lax.cond(fits, targets_only, every_position), count
+
+
+def _nll_sum(model, llm_params, h, targets, mask, chunk):
+    """sum(mask * NLL) of the head's logits on h [b, n, d] against targets [b, n]."""
+    if not chunk:
+        return _chunk_nll(model, llm_params, h, targets, mask)
+    b, n, d = h.shape
     pad = (-n) % chunk
     if pad:
         h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
         mask = jnp.pad(mask, ((0, 0), (0, pad)))
     c = (n + pad) // chunk
-    h = h.reshape(b, c, chunk, d).swapaxes(0, 1)
-    targets = targets.reshape(b, c, chunk).swapaxes(0, 1)
-    mask = mask.reshape(b, c, chunk).swapaxes(0, 1)
+    xs = (h.reshape(b, c, chunk, d).swapaxes(0, 1), targets.reshape(b, c, chunk).swapaxes(0, 1),
+          mask.reshape(b, c, chunk).swapaxes(0, 1))
 
     @jax.checkpoint
-    def one(carry, xs):
-        hc, tc, mc = xs
-        logits = model.llm.apply({"params": llm_params}, hc, method="head").astype(jnp.float32)
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        return carry + ((logz - picked) * mc).sum(), None
+    def one(carry, x):
+        return carry + _chunk_nll(model, llm_params, *x), None
 
-    total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), (h, targets, mask))
-    return total, mask.sum()
+    total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), xs)
+    return total
+
+
+def _chunk_nll(model, llm_params, h, targets, mask):
+    logits = model.llm.apply({"params": llm_params}, h, method="head").astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return ((logz - picked) * mask).sum()
