@@ -1,16 +1,17 @@
-"""The two matmuls of dot-product attention, in a head-major layout, shared by every model.
+"""The two matmuls of dot-product attention, in a head-major layout, for the vision towers.
 
 Projections give tokens-major arrays, q [b, l, H, D] and k / v [b, s, K, D] (K key/value heads,
 H = K * G query heads; head h reads kv head h // G, HF's ``repeat_kv`` order, without repeating
 the keys). Written as one einsum on that layout (``bqhd,bkhd->bhqk``) the batch dimensions of
 the matmul (b, h) are not the leading ones, and XLA's CPU backend then runs it as a loop of
-small dots about 5x slower than the same FLOPs head-major (measured: ``benchmarks/step_time.py``
-and ``benchmarks/labels_throughput.py`` spend most of their vision tower there). So q, k and v
-are transposed to [b, K, G, l, D] / [b, K, s, D] first and the output back: the same math; on
-TPU the compiler folds these transposes into the matmuls' layouts.
+small dots, about 5x slower than the same FLOPs head-major (the SigLIP tower of
+``benchmarks/step_time.py`` went 0.31 -> 0.13 s). So q, k and v are transposed to
+[b, K, G, l, D] / [b, K, s, D] first and the output back: the same math. On TPU the towers'
+compiled memory is unchanged (AOT, gemma2b stage 1). The LLM keeps its own einsum: there the
+TPU compiler's layout of the head-major form needed 2 GiB more HBM per chip.
 
-Scaling, masking, soft-capping and the softmax stay with each model (their dtypes differ); the
-functions here are only the layout and the two contractions.
+Scaling, masking, softmax and dtypes stay with each model; the functions here are only the layout
+and the two contractions.
 """
 from __future__ import annotations
 
