@@ -13,12 +13,14 @@ compiler, and read back what XLA decided:
 
 * per-chip HBM from ``compiled.memory_analysis()`` (arguments, outputs, aliased by donation,
   temporaries, generated code) against the chip's capacity -> FITS / DOES NOT FIT (exit code 1);
-* FLOPs per step from ``compiled.cost_analysis()`` against :func:`model_flops` (the analytic
-  count, without rematerialisation). XLA's cost analysis counts the body of a while loop once,
-  and ``scan_layers`` runs the LLM's layers as one loop, so for scanned models the compiled count
-  covers about one layer's worth of the LLM: compare it with the analytic count only with
-  ``--config.llm.scan_layers=False`` (slower to compile), where the ratio shows what remat and
-  the SPMD partitioner added.
+* matmul FLOPs per step of the compiled program, every loop trip counted
+  (:func:`sea_jax.aot.hlo_flops.loop_aware_flops` on ``compiled.as_text()``: the LLM's layer
+  scan, the vision tower's scanned blocks, the microbatch loop and the chunked LM head / word
+  scoring loops each multiply their body), against :func:`model_flops` (the analytic matmul
+  count, without rematerialisation). Their ratio is the step's recompute factor: what remat
+  recomputes, and what the program computes beyond the formula. ``compiled.cost_analysis()``
+  is kept as ``cost_analysis_flops`` for reference only: it counts each loop body once, so for
+  these programs it is a small fraction of the work.
 
 Because the compiler is the TPU compiler, the numbers are the ones a pod would see, up to the
 runtime's own reservations (hence ``--hbm_margin_gib``).
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 from sea_jax import builder, sharding
 from sea_jax import config as config_lib
 from sea_jax.errors import ConfigError
+from sea_jax.aot.hlo_flops import loop_aware_flops
 from sea_jax.aot.topology import (TOPOLOGIES, Topology, get_topology, libtpu_available, resolve_mesh_sizes,
                                   topology_devices, topology_mesh)
 
@@ -117,6 +120,8 @@ class Report:
     hbm_bytes: int
     margin_bytes: int
     fits: bool
+    # Matmul FLOPs of the compiled program with every loop trip counted (hlo_flops), per chip and
+    # for all chips; compiled_flops / model_flops is the recompute factor.
     compiled_flops_per_device: float
     compiled_flops: float
     model_flops: float
@@ -125,10 +130,29 @@ class Report:
     compile_s: float
     microbatches: int = 1
     logits_chunk: int = 0
+    # XLA's compiled.cost_analysis()["flops"] for all chips: each loop body counted once,
+    # elementwise FLOPs included. Kept for reference; not comparable with model_flops.
+    cost_analysis_flops: float = 0.0
+    # While loops whose trip count was not found (counted once: compiled_flops is a lower bound),
+    # the loops found (op_name, trips, runs per step, body FLOPs per chip, largest first), and the
+    # custom calls whose FLOPs, if any, are not counted.
+    unknown_loops: int = 0
+    # Conditionals whose branches differ in FLOPs: compiled_flops takes the largest branch of each,
+    # compiled_flops_smallest_branches (all chips) the smallest; which one runs is data.
+    uneven_conditionals: int = 0
+    compiled_flops_smallest_branches: float = 0.0
+    loops: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    custom_calls: dict[str, int] = dataclasses.field(default_factory=dict)
     # Set when the TPU compiler itself refused the program for lack of HBM: then temp_bytes is the
     # compiler's stated requirement, argument/output bytes are computed from the input shardings,
     # and generated code / FLOPs are unknown (0).
     compiler_error: str = ""
+
+    @property
+    def recompute_factor(self) -> float:
+        """Compiled (loops counted) / analytic matmul FLOPs: what remat recomputes and the program
+        computes beyond the formula (partitioner, loss terms it leaves out); NaN when unknown."""
+        return self.compiled_flops / self.model_flops if self.model_flops and self.compiled_flops else float("nan")
 
     @property
     def verdict(self) -> str:
@@ -137,11 +161,11 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["verdict"] = self.verdict
+        d["recompute_factor"] = self.recompute_factor
         return d
 
     def text(self) -> str:
         g = lambda x: f"{x / GIB:8.2f} GiB"  # noqa: E731
-        flops_ratio = self.compiled_flops / self.model_flops if self.model_flops else float("nan")
         lines = [
             f"config      {self.config}",
             f"topology    {self.topology} x{self.num_slices} slice(s): {self.devices} chips, mesh {self.mesh}",
@@ -157,19 +181,43 @@ class Report:
             f"  generated code   {g(self.generated_code_bytes)}",
             f"  total            {g(self.total_bytes)}  of {g(self.hbm_bytes)} "
             f"({100 * self.total_bytes / self.hbm_bytes:.1f}%, margin {self.margin_bytes / GIB:.2f} GiB)",
-            "FLOPs per step:",
-            f"  compiled (cost_analysis, all chips) {self.compiled_flops:.4g}"
-            f"  ({self.compiled_flops_per_device:.4g} per chip)",
-            f"  model (analytic)                    {self.model_flops:.4g}"
-            f"  -> compiled / model = {flops_ratio:.3f}",
-            *(["  (LLM layers scanned: XLA counts the loop body once, so compiled FLOPs undercount)"]
-              if self.scan_layers else []),
+            "matmul FLOPs per step (all chips):",
+            f"  compiled, loops counted  {self.compiled_flops:.4g}  ({self.compiled_flops_per_device:.4g} per chip)",
+            f"  model (analytic)         {self.model_flops:.4g}"
+            f"  -> compiled / model = {self.recompute_factor:.3f} (recompute factor)",
+            f"  cost_analysis            {self.cost_analysis_flops:.4g}  (XLA: each loop body once)",
+            *self._loop_lines(),
             f"compile     lower {self.lower_s:.1f}s, compile {self.compile_s:.1f}s",
             *([f"compiler    {self.compiler_error}"] if self.compiler_error else []),
             f"VERDICT     {self.verdict}",
         ]
         return "\n".join(lines)
 
+    def _loop_lines(self, top: int = 6) -> list[str]:
+        """The loops that carry most of the compiled FLOPs, and what was not counted."""
+        lines = []
+        if self.loops:
+            lines.append(f"  loops: {len(self.loops)}; largest (body runs per step x FLOPs per run, per chip):")
+        for loop in self.loops[:top]:
+            trips = loop["trips"] if loop["trips"] is not None else "unknown"
+            lines.append(f"    {loop['runs']:5d} x {loop['body_flops']:9.3g}  trips {trips:>7}  {loop['op_name'][:90]}")
+        if self.unknown_loops:
+            lines.append(f"  WARNING: {self.unknown_loops} loop(s) with unknown trip count counted once: "
+                         "compiled FLOPs are a lower bound")
+        if self.uneven_conditionals:
+            low = self.compiled_flops_smallest_branches
+            lines.append(f"  {self.uneven_conditionals} conditional(s) counted by their largest branch; with the "
+                         f"smallest: {low:.4g} -> compiled / model = {low / self.model_flops:.3f}")
+        opaque = {k: v for k, v in self.custom_calls.items() if k not in _NO_FLOP_CUSTOM_CALLS}
+        if opaque:
+            lines.append(f"  custom calls not counted: {opaque}")
+        return lines
+
+
+# Custom calls the TPU compiler inserts for buffers and gather/scatter indices: no FLOPs to miss.
+_NO_FLOP_CUSTOM_CALLS = frozenset({"AllocateBuffer", "AssumeGatherIndicesInBound", "ConcatBitcast",
+                                   "GatherScatterIndicesBitpacked", "MoveToDevice", "MoveToHost", "Sharding",
+                                   "SPMDFullToShardShape", "SPMDShardToFullShape", "ZeroCrop"})
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _OOM_PATTERNS = (
@@ -201,7 +249,8 @@ def shard_bytes(tree) -> int:
     return total
 
 
-def _cost_flops(compiled) -> float:
+def _cost_analysis_flops(compiled) -> float:
+    """XLA's own FLOP count of a compiled program, per device (each loop body counted once)."""
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per partition
         cost = cost[0] if cost else {}
@@ -270,10 +319,13 @@ def compile_config(
         args, state_b = shard_bytes((state, frozen, batch)), shard_bytes(state)
         mem = dict(argument_bytes=args, output_bytes=state_b, alias_bytes=state_b, temp_bytes=oom[0], generated_code_bytes=0)
         mem["total_bytes"] = args + oom[0]
-        per_dev = 0.0
+        hlo, xla_per_dev = {"flops": 0.0, "flops_smallest_branches": 0.0, "loops": [], "unknown_loops": 0,
+                            "uneven_conditionals": 0, "custom_calls": {}}, 0.0
     else:
         mem = memory_totals(compiled.memory_analysis())
-        per_dev = _cost_flops(compiled)
+        # The SPMD-partitioned module is one device's program: counts are per chip.
+        hlo, xla_per_dev = loop_aware_flops(compiled.as_text()), _cost_analysis_flops(compiled)
+    per_dev = hlo["flops"]
     t2 = time.time()
 
     hbm = int(topo.hbm_gib * GIB)
@@ -289,6 +341,10 @@ def compile_config(
         trainable_params=count(state.params),
         **mem, hbm_bytes=hbm, margin_bytes=margin, fits=margin >= 0 and not error,
         compiled_flops_per_device=per_dev, compiled_flops=per_dev * len(devices),
+        cost_analysis_flops=xla_per_dev * len(devices), unknown_loops=hlo["unknown_loops"],
+        uneven_conditionals=hlo["uneven_conditionals"],
+        compiled_flops_smallest_branches=hlo["flops_smallest_branches"] * len(devices),
+        loops=hlo["loops"], custom_calls=hlo["custom_calls"],
         model_flops=flops["total"], model_flops_breakdown=flops,
         lower_s=t1 - t0, compile_s=t2 - t1, compiler_error=error,
         microbatches=int(config.train.microbatches), logits_chunk=int(config.train.logits_chunk),
@@ -298,5 +354,5 @@ def compile_config(
 __all__ = [
     "GIB", "Report", "plan", "compile_config", "model_flops", "memory_totals", "parse_compiler_oom", "shard_bytes",
     "Topology", "TOPOLOGIES", "get_topology", "libtpu_available", "topology_devices", "resolve_mesh_sizes",
-    "topology_mesh",
+    "topology_mesh", "loop_aware_flops",
 ]

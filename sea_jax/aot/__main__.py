@@ -3,8 +3,8 @@
 Compiles the real train step of the config (the program ``python -m sea_jax.train`` would run)
 for the slice with the TPU compiler on this host (``libtpu`` installed; no TPU needed) and prints
 the per-chip HBM (arguments, outputs, temporaries, generated code) against the chip's capacity,
-compiled vs analytic FLOPs and a verdict. Exit status 0 when it fits, 1 when it does not, 2 for a
-mistake in the config or flags (or no libtpu here).
+compiled (every loop trip counted) vs analytic FLOPs and a verdict. Exit status 0 when it fits,
+1 when it does not, 2 for a mistake in the config or flags (or no libtpu here).
 """
 from __future__ import annotations
 
