@@ -20,7 +20,8 @@ is the median over all timed batches of a side. The first batch of each side is 
 
 Defaults: a B/16-like tower reduced in width and depth (224 px, patch 16 -> 196 patches, width 384,
 6 heads, MLP 1536, 12 blocks: ViT-S/16 size), 40,000 words (the default list's size), n = 10,
-batch 8.
+batch 8, and sea_jax scoring the words 4096 at a time with a running top-n (``labels.chunk_size``,
+the config's default).
 """
 from __future__ import annotations
 
@@ -48,10 +49,12 @@ def parse_args(argv=None):
     p.add_argument("--mlp", type=int, default=1536)
     p.add_argument("--words", type=int, default=40_000)
     p.add_argument("--top-n", type=int, default=10)
-    p.add_argument("--chunk-size", type=int, default=0, help="sea_jax word-table chunking (0 = none)")
+    p.add_argument("--chunk-size", type=int, default=4096,
+                   help="sea_jax word-table chunking, as labels.chunk_size (default: the config's 4096; 0 = none)")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches per worker")
     p.add_argument("--runs", type=int, default=3, help="timed batches per worker")
     p.add_argument("--rounds", type=int, default=3, help="worker processes per side")
+    p.add_argument("--allow-loaded", action="store_true", help="run (flagged) even if the machine is busy")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "labels_throughput.md"))
     p.add_argument("--worker", choices=("sea_jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
@@ -180,7 +183,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(args)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import machine
+
+    quiet = machine.check_quiet(args.allow_loaded)
     cond = _conditions()
+    rate = machine.matmul_rate()
     rng = np.random.default_rng(0)
     pixels = rng.uniform(-1, 1, size=(args.batch, args.image_size, args.image_size, 3)).astype(np.float32)
     table = rng.normal(size=(args.words, args.width)).astype(np.float32)
@@ -191,7 +199,7 @@ def main(argv=None):
         np.save(os.path.join(tmp, "pixels.npy"), pixels)
         np.save(os.path.join(tmp, "table.npy"), table)
         passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                       if k not in ("out", "worker", "dir")]
+                       if k not in ("out", "worker", "dir", "allow_loaded")]
         order = []
         for r in range(args.rounds):  # alternate who goes first, so drifting load hits both alike
             order += ["sea_jax", "torch"] if r % 2 == 0 else ["torch", "sea_jax"]
@@ -221,14 +229,30 @@ def main(argv=None):
         "agreement_identical_ids": same_ids, "max_abs_score_diff": max_score_diff,
         "seconds_per_batch": times, "median_s": med, "images_per_s": ips,
         "speedup_sea_jax_over_torch": ips["sea_jax"] / ips["torch"], "patches": patches,
+        "flops_per_batch": labelling_flops(args, patches), "matmul_rate_gflops": rate, **quiet,
     }
+    result["fraction_of_matmul_rate"] = {k: result["flops_per_batch"] / v / (rate["machine"] * 1e9) for k, v in med.items()}
     print(json.dumps(result, indent=1))
     if args.out:
         write_report(args, result, argv)
     return result
 
 
+def labelling_flops(args, patches: int) -> float:
+    """Matmul FLOPs of one batch, by hand: the patch embedding, each block's projections, MLP and
+    attention (QK^T, AV), every patch alone through the MAP head (value, out, MLP), and the scores
+    against the word table. The probe's pooled output and the norms are left out (tiny)."""
+    p, w, m = patches, args.width, args.mlp
+    embed = 2 * p * 3 * args.patch**2 * w
+    block = 2 * p * (4 * w * w + 2 * w * m) + 4 * p * p * w
+    head = 2 * p * (2 * w * w + 2 * w * m)
+    scores = 2 * p * args.words * w
+    return float(args.batch * (embed + args.depth * block + head + scores))
+
+
 def write_report(args, r, argv):
+    import machine  # benchmarks/ is on sys.path (main)
+
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     c = r["conditions"]
     cmd = "python benchmarks/labels_throughput.py" + "".join(f" {a}" for a in (argv or []))
@@ -237,12 +261,13 @@ def write_report(args, r, argv):
         "",
         f"Command: `{cmd}`",
         "",
-        "| | images/s | median s/batch | timed batches (s) |",
-        "|---|---:|---:|---|",
+        "| | images/s | median s/batch | timed batches (s) | analytic FLOPs / time, share of the matmul rate |",
+        "|---|---:|---:|---|---:|",
     ]
     for k in ("sea_jax", "torch"):
         runs = ", ".join(f"{t:.2f}" for t in r["seconds_per_batch"][k])
-        lines.append(f"| {k} | {r['images_per_s'][k]:.2f} | {r['median_s'][k]:.3f} | {runs} |")
+        lines.append(f"| {k} | {r['images_per_s'][k]:.2f} | {r['median_s'][k]:.3f} | {runs} | "
+                     f"{r['fraction_of_matmul_rate'][k]:.0%} |")
     first = {k: ", ".join(f"{t:.1f}" for t in v) for k, v in r["first_call_s"].items()}
     lines += [
         "",
@@ -251,8 +276,12 @@ def write_report(args, r, argv):
         "Workload per batch (both sides): SigLIP image tower "
         f"({args.image_size} px, patch {args.patch} -> {r['patches']} patches, width {args.width}, "
         f"depth {args.depth}, {args.heads} heads, MLP {args.mlp}), per-patch MAP-head features, cosine "
-        f"against {args.words} words, top-{args.top_n}, `> 0` mask; batch {args.batch}; float32; "
-        "results copied to host numpy.",
+        f"against {args.words} words (sea_jax: {args.chunk_size or 'all'} at a time with a running top-n), "
+        f"top-{args.top_n}, `> 0` mask; batch {args.batch}; float32; "
+        f"results copied to host numpy. {r['flops_per_batch'] / 1e9:.1f} GFLOP per batch by hand (`labelling_flops`).",
+        f"Machine matmul rate, measured in this run (1024^2 float32, best of 20): jax "
+        f"{r['matmul_rate_gflops']['jax']:.0f} GFLOP/s, torch {r['matmul_rate_gflops']['torch']:.0f} GFLOP/s; the faster "
+        "is the rate in the table.",
         f"Labels agree: {100 * r['agreement_identical_ids']:.2f}% identical ids, max |score diff| "
         f"{r['max_abs_score_diff']:.1e}.",
         f"Timing: {args.rounds} worker processes per side, alternating; each {args.warmup} warm-up + "
@@ -264,7 +293,7 @@ def write_report(args, r, argv):
         f"- jax {c['jax']} ({r['worker_info']['sea_jax'].get('jax_backend')} backend), torch {c['torch']} "
         f"({r['worker_info']['torch'].get('torch_threads')} threads), transformers {c['transformers']}, "
         f"python {c['python']}",
-        f"- load average (1/5/15 min) at start {tuple(round(x, 2) for x in c['loadavg_start'])}, at end "
+        f"- {machine.describe(r)}, at end "
         f"{tuple(round(x, 2) for x in c['loadavg_end'])} (the benchmark itself keeps about one core "
         "busy; a start well above 1 means other jobs shared the machine); the alternating-median ratio "
         "is the figure to read.",

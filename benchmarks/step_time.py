@@ -66,7 +66,7 @@ def build_checkpoint(folder: str) -> None:
 # PyTorch reference
 
 
-def torch_worker(folder: str, steps: int) -> list[float]:
+def torch_worker(folder: str, steps: int) -> dict:
     import numpy as np
     import torch
     from transformers import LlavaForConditionalGeneration
@@ -147,14 +147,14 @@ def torch_worker(folder: str, steps: int) -> list[float]:
         step(gen)
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    return times
+    return {"times": times}
 
 
 # ----------------------------------------------------------------------------------------------
 # sea_jax
 
 
-def jax_worker(folder: str, steps: int, lam: float) -> list[float]:
+def jax_worker(folder: str, steps: int, lam: float, scan_layers: bool = True, parts: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -165,7 +165,10 @@ def jax_worker(folder: str, steps: int, lam: float) -> list[float]:
     from sea_jax.models.mllm import MLLM
     from sea_jax.train_step import StepConfig, init_state, make_optimizer, make_train_step, split_params
 
-    cfg = hf_llava.config_from_llava(hf_llava.read_llava_config(folder), dtype=jnp.float32)
+    from sea_jax import metrics
+    from sea_jax.models.mllm import head_capacity
+
+    cfg = hf_llava.config_from_llava(hf_llava.read_llava_config(folder), dtype=jnp.float32, scan_layers=scan_layers)
     params = jax.tree.map(jnp.asarray, hf_llava.load_llava_params(cfg, folder))
     model = MLLM(cfg)
     d = np.load(os.path.join(folder, "bench.npz"))
@@ -187,13 +190,127 @@ def jax_worker(folder: str, steps: int, lam: float) -> list[float]:
         jax.block_until_ready(m["loss"])
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    return times
+    # The step's analytic FLOPs (sea_jax.metrics, what the trainer's MFU uses): the same useful
+    # work on both sides, so one figure serves both.
+    seq = d["input_ids"].shape[1]
+    spec = metrics.FlopSpec(
+        batch=BATCH, seq_len=seq, llm_matmul_params=metrics.llm_matmul_params(params["llm"], cfg.llm.vocab_size, cfg.llm.hidden),
+        llm_layers=cfg.llm.n_layers, llm_heads=cfg.llm.n_heads, llm_head_dim=cfg.llm.head_dim,
+        vision_params=metrics.count_params(params["vision"]), vision_layers=cfg.vision.depth, vision_width=cfg.vision.width,
+        patches=cfg.num_image_tokens, adapter_params=metrics.count_params(params["adapter"]),
+        label_words=N_WORDS if lam else 0, label_dim=cfg.vision.width if lam else 0,
+        head_params=cfg.llm.vocab_size * cfg.llm.hidden, head_positions=head_capacity(cfg, seq))
+    flops = metrics.train_step_flops(spec)
+    out = {"times": times, "flops": flops["total"]}
+    if parts:
+        out["parts"] = time_parts(model, params, frozen, batch, flops, steps)
+        step = make_train_step(model, scfg, tx, sched, donate=False)
+        out["ops"] = op_profile(step, (state, frozen, batch))
+    return out
 
 
-def run_worker(kind: str, folder: str, steps: int) -> list[float]:
+def time_parts(model, params, frozen, batch, flops, reps) -> dict:
+    """The step's pieces jitted alone: median seconds and analytic FLOPs of each (where the
+    step's time goes; the remainder is the alignment loss, window sampling, AdamW and glue)."""
+    import jax
+    import numpy as np
+
+    from sea_jax.align import semantic_labels as labels_lib
+    from sea_jax.models.mllm import head_capacity, lm_loss_sum
+
+    def median_time(fn, *args):
+        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(fn(*args))
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            ts.append(time.perf_counter() - t0)
+        return float(np.median(ts))
+
+    encode = jax.jit(model.encode_images)
+    image = encode(params["vision"], batch["images"])
+    top = jax.jit(lambda pe: labels_lib.top_labels(pe, frozen["word_table"], TOP_N, False))
+    ids = batch["input_ids"]
+    cap = head_capacity(model.cfg, ids.shape[1])
+
+    def lm(adapter, feats):
+        prm = dict(params, adapter=adapter)
+        fwd = model.forward_features(prm, feats, ids, batch["attention_mask"], compute_logits=False)
+        total, count = lm_loss_sum(model, prm["llm"], fwd.hidden, ids, batch["loss_mask"], capacity=cap)
+        return total / count
+
+    parts = {
+        "vision tower + per-patch MAP head, forward": (median_time(encode, params["vision"], batch["images"]), flops["vision"]),
+        "word scores + top-n": (median_time(top, image.patch_embeds), flops["labels"]),
+        "adapter + LLM, forward only": (median_time(jax.jit(lm), params["adapter"], image.features),
+                                        (flops["adapter"] + flops["llm"]) / 2),  # forward = 2N of 4N
+        "adapter + LLM, forward and backward (L_lm)": (median_time(jax.jit(jax.grad(lm)), params["adapter"], image.features),
+                                                       flops["adapter"] + flops["llm"]),
+    }
+    return parts
+
+
+def op_profile(step, args, reps: int = 3) -> dict:
+    """Where the XLA CPU runtime's threads spend a step: ``jax.profiler`` events of the compiled
+    program's ops (one event per executed HLO op, on XLA's worker threads), in ms per step summed
+    over the threads, by kind: matmuls (XLA hands dots to YNNPACK as ``ynn_fusion``s), the
+    layer scan's stacked residual buffers (zero-fill, copies, dynamic (update-)slices), and the
+    rest (softmax and other elementwise ops, reductions, transposes)."""
+    import collections
+    import glob
+    import re
+    import jax
+
+    hlo = step.lower(*args).compile().as_text()
+    op_names = {}
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=", line)
+        if m:
+            on = re.search(r'op_name="([^"]*)"', line)
+            op_names[m.group(1)] = on.group(1) if on else ""
+    jax.block_until_ready(step(*args))
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        with jax.profiler.trace(d):
+            for _ in range(reps):
+                jax.block_until_ready(step(*args))
+        wall = (time.perf_counter() - t0) / reps
+        from jax.profiler import ProfileData
+
+        data = ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+    kinds = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if "XLAEigen" not in line.name:  # XLA's worker threads; the rest is the host side
+                continue
+            for ev in line.events:
+                name = ev.name
+                if name not in op_names or name.startswith("while"):
+                    continue  # runtime bookkeeping and loop ops (their bodies' ops are events)
+                on = op_names[name]
+                if name.startswith("ynn_fusion") or "dot_general" in on and "fusion" not in name:
+                    kind = "matmuls (YNNPACK)"
+                elif ("dynamic_update_slice" in on or "dynamic_slice" in on or name.startswith(("copy.", "wrapped_broadcast"))):
+                    kind = "scan residual buffers (zero-fill, copies, dynamic slices)"
+                else:
+                    kind = "other ops (softmax, elementwise, reductions, transposes)"
+                kinds[kind] += ev.duration_ns / 1e6 / reps
+    return {"wall_ms": wall * 1e3, "thread_ms": dict(kinds)}
+
+
+def run_worker(kind: str, folder: str, steps: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", kind, "--folder", folder, "--steps", str(steps)],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+KINDS = {
+    "torch": "PyTorch reference (HF Llava + SEA in torch, eager)",
+    "jax": "sea_jax, lambda = 1, on-the-fly labels",
+    "jax_lam0": "sea_jax, lambda = 0 (plain LLaVA)",
+    "jax_unrolled": "sea_jax, lambda = 1, LLM layers unrolled (`llm.scan_layers=False`)",
+}
 
 
 def main():
@@ -201,53 +318,111 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_time.md"))
+    ap.add_argument("--allow-loaded", action="store_true", help="run (flagged) even if the machine is busy")
+    ap.add_argument("--render", action="store_true", help="rebuild the report from its json, run nothing")
     ap.add_argument("--worker", default="")
     ap.add_argument("--folder", default="")
     args = ap.parse_args()
     if args.worker:
         fn = {"torch": lambda: torch_worker(args.folder, args.steps),
               "jax": lambda: jax_worker(args.folder, args.steps, 1.0),
-              "jax_lam0": lambda: jax_worker(args.folder, args.steps, 0.0)}[args.worker]
+              "jax_lam0": lambda: jax_worker(args.folder, args.steps, 0.0),
+              "jax_unrolled": lambda: jax_worker(args.folder, args.steps, 1.0, scan_layers=False),
+              "jax_parts": lambda: jax_worker(args.folder, args.steps, 1.0, parts=True)}[args.worker]
         print(json.dumps(fn()))
         return
-    load_start = os.getloadavg()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import machine
+
+    if args.render:
+        with open(os.path.splitext(args.out)[0] + ".json") as f:
+            return write_report(json.load(f), args.out)
+    quiet = machine.check_quiet(args.allow_loaded)
+    rate = machine.matmul_rate()
     with tempfile.TemporaryDirectory() as folder:
         subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
                         f"import step_time; step_time.build_checkpoint({folder!r})"], check=True)
-        times = {"torch": [], "jax": [], "jax_lam0": []}
+        times = {k: [] for k in KINDS}
+        flops = {}
         for _ in range(args.rounds):
             for kind in times:
-                times[kind] += run_worker(kind, folder, args.steps)
+                out = run_worker(kind, folder, args.steps)
+                times[kind] += out["times"]
+                flops[kind] = out.get("flops")
+        profiled = run_worker("jax_parts", folder, args.steps)
+        parts, ops = profiled["parts"], profiled["ops"]
     med = {k: statistics.median(v) for k, v in times.items()}
+    useful = flops["jax"]  # lambda = 1: the work both the reference and sea_jax's SEA step do
+    frac = {k: (useful if k != "jax_lam0" else flops["jax_lam0"]) / med[k] / (rate["machine"] * 1e9) for k in KINDS}
+    result = {"steps": args.steps, "rounds": args.rounds, "machine": platform.processor() or platform.machine(),
+              "cores": os.cpu_count(), "times": times, "median": med, "flops": flops, "parts": parts, "ops": ops,
+              "matmul_rate_gflops": rate, "fraction_of_matmul_rate": frac, **quiet, "loadavg_end": os.getloadavg()}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    write_report(result, args.out)
+
+
+def write_report(r: dict, out: str) -> None:
+    """The markdown report of a result (``--render`` rebuilds it from the committed json)."""
+    import machine
+
+    med, flops, rate, parts, ops, frac = r["median"], r["flops"], r["matmul_rate_gflops"], r["parts"], r["ops"], \
+        r["fraction_of_matmul_rate"]
+    busy = sum(ops["thread_ms"].values())
+    matmul_ms = ops["thread_ms"].get("matmuls (YNNPACK)", 0.0)
     lines = [
         "# Stage-1 SEA step time on this CPU",
         "",
-        f"`python benchmarks/step_time.py --steps {args.steps} --rounds {args.rounds}` on {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores (ratios are what to read).",
+        f"`python benchmarks/step_time.py --steps {r['steps']} --rounds {r['rounds']}` on {r['machine']}, "
+        f"{r['cores']} cores (ratios are what to read).",
         "",
         f"Model: SigLIP {VISION['num_hidden_layers']}x{VISION['hidden_size']} at {VISION['image_size']} px / {VISION['patch_size']} "
         f"({(VISION['image_size'] // VISION['patch_size']) ** 2} patches), Gemma-style LLM {TEXT['num_hidden_layers']}x{TEXT['hidden_size']}, "
         f"vocab {TEXT['vocab_size']}, batch {BATCH}, {N_WORDS} words, top-{TOP_N}, k={WINDOW}, float32.",
         "",
-        "| step | median s/step | runs |",
-        "|---|---|---|",
-        f"| PyTorch reference (HF Llava + SEA in torch, eager) | {med['torch']:.3f} | {len(times['torch'])} |",
-        f"| sea_jax, lambda = 1, on-the-fly labels | {med['jax']:.3f} | {len(times['jax'])} |",
-        f"| sea_jax, lambda = 0 (plain LLaVA) | {med['jax_lam0']:.3f} | {len(times['jax_lam0'])} |",
+        f"Machine matmul rate, measured in this run (1024^2 float32, best of 20): jax {rate['jax']:.0f} GFLOP/s, "
+        f"torch {rate['torch']:.0f} GFLOP/s; the faster, {rate['machine']:.0f} GFLOP/s, is the machine's rate below. "
+        f"Analytic FLOPs of the step (`sea_jax.metrics.train_step_flops`, what the trainer's MFU uses; the LM head on "
+        f"the caption positions only): {flops['jax'] / 1e9:.1f} GFLOP (lambda = 1), {flops['jax_lam0'] / 1e9:.1f} GFLOP (lambda = 0).",
         "",
-        f"- sea_jax speed-up over the PyTorch reference: **{med['torch'] / med['jax']:.2f}x**",
+        "| step | median s/step | runs | analytic FLOPs / time, share of the matmul rate |",
+        "|---|---|---|---|",
+        *[f"| {KINDS[k]} | {med[k]:.3f} | {len(r['times'][k])} | {frac[k]:.0%} |" for k in KINDS],
+        "",
+        f"- sea_jax speed-up over the PyTorch reference: **{med['torch'] / med['jax']:.2f}x** "
+        f"({med['torch'] / med['jax_unrolled']:.2f}x with the LLM's layers unrolled)",
         f"- SEA overhead (lambda = 1 over lambda = 0): **{med['jax'] / med['jax_lam0']:.2f}x**",
-        f"- load average (1/5/15 min) at start {tuple(round(x, 2) for x in load_start)}, at end "
-        f"{tuple(round(x, 2) for x in os.getloadavg())} (the benchmark itself keeps one to two cores busy; "
-        "a start well above 1 means other jobs shared the machine); the alternating medians' ratios are the "
-        "figures to read.",
+        "",
+        "Where sea_jax's step time goes (each piece jitted alone, median of the same number of runs, one worker; "
+        "FLOPs analytic, as above):",
+        "",
+        "| piece | s | GFLOP | GFLOP/s | share of the matmul rate |",
+        "|---|---|---|---|---|",
+        *[f"| {name} | {t:.3f} | {f / 1e9:.1f} | {f / t / 1e9:.0f} | {f / t / (rate['machine'] * 1e9):.0%} |"
+          for name, (t, f) in parts.items()],
+        "",
+        f"The whole step under `jax.profiler` (lambda = 1, {ops['wall_ms']:.0f} ms per step while profiled: the "
+        "profiler's own cost inflates the wall time): XLA's worker-thread time per step by kind of op, summed over "
+        f"the threads (2 threads x wall time = {2 * ops['wall_ms']:.0f} ms available):",
+        "",
+        "| ops | thread ms per step | share of the busy time |",
+        "|---|---|---|",
+        *[f"| {k} | {v:.0f} | {v / busy:.0%} |" for k, v in sorted(ops["thread_ms"].items(), key=lambda kv: -kv[1])],
+        "",
+        f"- XLA's threads ran ops {busy / (2 * ops['wall_ms']):.0%} of the profiled step and sat idle the rest. "
+        "Matmuls are "
+        f"{matmul_ms / busy:.0%} of the busy time; at the machine's rate the step's {flops['jax'] / 1e9:.1f} GFLOP "
+        f"would take {flops['jax'] / (rate['machine'] * 1e9) * 2e3:.0f} thread-ms, so the matmuls themselves "
+        f"ran at about {flops['jax'] / (rate['machine'] * 1e9) * 2e3 / matmul_ms:.0%} of it while profiled. The "
+        "rest of the distance to the rate is the idle threads and the non-matmul ops (the scan's residual buffers "
+        "among them): work of XLA's CPU runtime and of the scan's lowering, not FLOPs the step could drop.",
+        f"- {machine.describe(r)}, at end {tuple(round(x, 2) for x in r['loadavg_end'])} (the benchmark itself "
+        "keeps one to two cores busy); the alternating medians' ratios are the figures to read.",
         "",
     ]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    with open(out, "w") as f:
         f.write("\n".join(lines))
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"times": times, "median": med}, f, indent=1)
     print("\n".join(lines))
 
 
