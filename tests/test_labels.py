@@ -381,3 +381,8 @@ def test_labeller_matches_torch_topk(tiny_hf_siglip, make_mesh, feature, negate)
     np.testing.assert_array_equal(np.asarray(valid), t_scores.numpy() > 0)
     with pytest.raises(ValueError, match="batch shards"):
         labeller(pixels[:3])
+    # The program lowers for inspection; its word scores are one of its matmuls (per device: the
+    # 45 words padded to 46 and split over 2 word shards, one image of 16 patches).
+    from sea_jax.aot.hlo_flops import matmul_shapes
+    shapes = matmul_shapes(labeller.lower(pixels).compile().as_text())
+    assert any((d["m"], d["k"], d["n"]) == (16, 32, 23) for d in shapes), shapes

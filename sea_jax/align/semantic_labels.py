@@ -346,12 +346,21 @@ def _local_top(
     Returns (scores float32 [b, p, n], ids int32 [b, p, n]), best first, ties to the lower id.
     """
     w = table.shape[0]
+    # Whether any row can be padding (an id past num_words): not for an unsharded table of exactly
+    # num_words rows, and then the scores skip the masking pass (a full read and write of them).
+    may_pad = not isinstance(id_offset, int) or id_offset + w > num_words
 
-    def scores_of(rows: Array, first_id) -> tuple[Array, Array]:
+    def scores_of(rows: Array, first_id, mask_past: Array | None = None) -> tuple[Array, Array]:
         sim = jnp.einsum("bpd,wd->bpw", feats, rows, precision=precision,
                          preferred_element_type=jnp.float32)
         ids = first_id + jnp.arange(rows.shape[0], dtype=jnp.int32)
-        key = jnp.where(ids < num_words, sign * sim, -jnp.inf)
+        key = sign * sim
+        valid = ids < num_words if may_pad else None
+        if mask_past is not None:  # the chunk's own padding rows (past this shard's w)
+            past = jnp.arange(rows.shape[0]) < mask_past
+            valid = past if valid is None else valid & past
+        if valid is not None:
+            key = jnp.where(valid, key, -jnp.inf)
         return key, ids
 
     if chunk_size is None or chunk_size >= w:
@@ -361,27 +370,31 @@ def _local_top(
         return vals, ids[pos]
 
     chunks = -(-w // chunk_size)
+    # Equal chunks no larger than asked: 40000 words in 10 chunks of 4000, not 10 of 4096 (2.4%
+    # of the scores would be padding).
+    chunk_size = -(-w // chunks)
+    padded = chunks * chunk_size > w
     table = jnp.pad(table, ((0, chunks * chunk_size - w), (0, 0)))
     table = table.reshape(chunks, chunk_size, -1)
     k = min(n, chunk_size)
 
-    def chunk_top(rows: Array, c: Array) -> tuple[Array, Array]:
-        key, ids = scores_of(rows, jnp.asarray(id_offset, jnp.int32) + c * chunk_size)
-        # the chunk's padding rows (past this shard's w) are masked like table padding
-        key = jnp.where(jnp.arange(chunk_size) + c * chunk_size < w, key, -jnp.inf)
+    def chunk_top(c: Array) -> tuple[Array, Array]:
+        rows = jax.lax.dynamic_index_in_dim(table, c, 0, keepdims=False)  # no copy of table[1:]
+        key, ids = scores_of(rows, jnp.asarray(id_offset, jnp.int32) + c * chunk_size,
+                             w - c * chunk_size if padded else None)
         v, pos = top_k_blocked(key, k)
         return v, ids[pos]
 
     # The running top-n starts from the first chunk rather than a constant, so inside shard_map
     # the scan carry has the same (device-varying) type on entry and exit.
-    best_v, best_i = chunk_top(table[0], jnp.int32(0))
+    best_v, best_i = chunk_top(jnp.int32(0))
     if k < n:
         best_v = jnp.pad(best_v, ((0, 0), (0, 0), (0, n - k)), constant_values=-jnp.inf)
         best_i = jnp.pad(best_i, ((0, 0), (0, 0), (0, n - k)), constant_values=jnp.iinfo(jnp.int32).max)
 
     def step(carry, xs):
         best_v, best_i = carry
-        v, i = chunk_top(*xs)
+        v, i = chunk_top(xs)
         # running candidates come first: they hold lower ids, so lax.top_k keeps ties in id order
         cat_v = jnp.concatenate([best_v, v], axis=-1)
         cat_i = jnp.concatenate([best_i, i], axis=-1)
@@ -390,7 +403,7 @@ def _local_top(
 
     if chunks > 1:
         (best_v, best_i), _ = jax.lax.scan(
-            step, (best_v, best_i), (table[1:], jnp.arange(1, chunks, dtype=jnp.int32))
+            step, (best_v, best_i), jnp.arange(1, chunks, dtype=jnp.int32)
         )
     return best_v, best_i
 
@@ -652,4 +665,6 @@ def make_labeller(
 
     labeller.num_words = num_words  # type: ignore[attr-defined]
     labeller.batch_shards = batch_shards  # type: ignore[attr-defined]
+    # The jitted program lowered for a batch like ``pixels`` (to read its HLO or compile ahead).
+    labeller.lower = lambda pixels: run.lower(image_params, table, pixels)  # type: ignore[attr-defined]
     return labeller
