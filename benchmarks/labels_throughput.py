@@ -91,12 +91,13 @@ def torch_labeller(folder: str, table: np.ndarray, n: int):
     return run, {"torch_threads": torch.get_num_threads()}
 
 
-def jax_labeller(folder: str, table: np.ndarray, n: int, chunk_size: int):
+def jax_labeller(folder: str, table: np.ndarray, n: int, chunk_size: int, pixels: np.ndarray):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # "on the same CPU": keep JAX off any accelerator
     import jax
 
     from sea_jax import sharding
     from sea_jax.align import semantic_labels as labels
+    from sea_jax.aot.hlo_flops import matmul_shapes
     from sea_jax.convert import hf_siglip
 
     cfg, params = hf_siglip.load_hf_siglip(folder)
@@ -108,7 +109,9 @@ def jax_labeller(folder: str, table: np.ndarray, n: int, chunk_size: int):
         ids, scores, valid = fn(pixels_nhwc)
         return np.asarray(ids), np.asarray(scores), np.asarray(valid)
 
-    return run, {"jax_backend": jax.default_backend(), "jax_devices": len(jax.devices())}
+    # The program's own matmuls, for timing them kernel by kernel (machine.kernel_times).
+    matmuls = matmul_shapes(fn.lower(pixels).compile().as_text())
+    return run, {"jax_backend": jax.default_backend(), "jax_devices": len(jax.devices()), "matmuls": matmuls}
 
 
 def worker(args) -> None:
@@ -119,7 +122,7 @@ def worker(args) -> None:
     if args.worker == "torch":
         run, info = torch_labeller(folder, table, args.top_n)
     else:
-        run, info = jax_labeller(folder, table, args.top_n, args.chunk_size)
+        run, info = jax_labeller(folder, table, args.top_n, args.chunk_size, pixels)
     t = time.perf_counter()
     ids, scores, valid = run(pixels)
     first_call = time.perf_counter() - t
@@ -218,6 +221,9 @@ def main(argv=None):
         max_score_diff = float(np.max(np.abs(got["scores"] - want["scores"])))
 
     cond["loadavg_end"] = os.getloadavg()
+    kernels = machine.kernel_times(results["sea_jax"][0].pop("matmuls"))
+    for w in results["sea_jax"][1:]:
+        w.pop("matmuls")
     times = {k: [t for w in v for t in w["times"]] for k, v in results.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     ips = {k: args.batch / v for k, v in med.items()}
@@ -229,7 +235,7 @@ def main(argv=None):
         "agreement_identical_ids": same_ids, "max_abs_score_diff": max_score_diff,
         "seconds_per_batch": times, "median_s": med, "images_per_s": ips,
         "speedup_sea_jax_over_torch": ips["sea_jax"] / ips["torch"], "patches": patches,
-        "flops_per_batch": labelling_flops(args, patches), "matmul_rate_gflops": rate, **quiet,
+        "flops_per_batch": labelling_flops(args, patches), "matmul_rate_gflops": rate, "kernels": kernels, **quiet,
     }
     result["fraction_of_matmul_rate"] = {k: result["flops_per_batch"] / v / (rate["machine"] * 1e9) for k, v in med.items()}
     print(json.dumps(result, indent=1))
@@ -282,6 +288,9 @@ def write_report(args, r, argv):
         f"Machine matmul rate, measured in this run (1024^2 float32, best of 20): jax "
         f"{r['matmul_rate_gflops']['jax']:.0f} GFLOP/s, torch {r['matmul_rate_gflops']['torch']:.0f} GFLOP/s; the faster "
         "is the rate in the table.",
+        "",
+        *machine.kernel_report(r["kernels"], r["median_s"]["sea_jax"], "The labeller"),
+        "",
         f"Labels agree: {100 * r['agreement_identical_ids']:.2f}% identical ids, max |score diff| "
         f"{r['max_abs_score_diff']:.1e}.",
         f"Timing: {args.rounds} worker processes per side, alternating; each {args.warmup} warm-up + "

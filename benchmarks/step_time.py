@@ -166,6 +166,7 @@ def jax_worker(folder: str, steps: int, lam: float, scan_layers: bool = True, pa
     from sea_jax.train_step import StepConfig, init_state, make_optimizer, make_train_step, split_params
 
     from sea_jax import metrics
+    from sea_jax.aot.hlo_flops import matmul_shapes
     from sea_jax.models.mllm import head_capacity
 
     cfg = hf_llava.config_from_llava(hf_llava.read_llava_config(folder), dtype=jnp.float32, scan_layers=scan_layers)
@@ -206,6 +207,10 @@ def jax_worker(folder: str, steps: int, lam: float, scan_layers: bool = True, pa
         out["parts"] = time_parts(model, params, frozen, batch, flops, steps)
         step = make_train_step(model, scfg, tx, sched, donate=False)
         out["ops"] = op_profile(step, (state, frozen, batch))
+        # The step's own matmuls, for timing them kernel by kernel (machine.kernel_times). Every
+        # row holds an image, so the LM head runs on the target slots: the conditional's smaller
+        # branch, not its every-position fallback.
+        out["matmuls"] = matmul_shapes(step.lower(state, frozen, batch).compile().as_text(), branches="smallest")
     return out
 
 
@@ -351,12 +356,14 @@ def main():
                 flops[kind] = out.get("flops")
         profiled = run_worker("jax_parts", folder, args.steps)
         parts, ops = profiled["parts"], profiled["ops"]
+    kernels = machine.kernel_times(profiled["matmuls"])
     med = {k: statistics.median(v) for k, v in times.items()}
     useful = flops["jax"]  # lambda = 1: the work both the reference and sea_jax's SEA step do
     frac = {k: (useful if k != "jax_lam0" else flops["jax_lam0"]) / med[k] / (rate["machine"] * 1e9) for k in KINDS}
     result = {"steps": args.steps, "rounds": args.rounds, "machine": platform.processor() or platform.machine(),
               "cores": os.cpu_count(), "times": times, "median": med, "flops": flops, "parts": parts, "ops": ops,
-              "matmul_rate_gflops": rate, "fraction_of_matmul_rate": frac, **quiet, "loadavg_end": os.getloadavg()}
+              "matmul_rate_gflops": rate, "fraction_of_matmul_rate": frac, "kernels": kernels, **quiet,
+              "loadavg_end": os.getloadavg()}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump(result, f, indent=1)
@@ -402,6 +409,7 @@ def write_report(r: dict, out: str) -> None:
         *[f"| {name} | {t:.3f} | {f / 1e9:.1f} | {f / t / 1e9:.0f} | {f / t / (rate['machine'] * 1e9):.0%} |"
           for name, (t, f) in parts.items()],
         "",
+        *(machine.kernel_report(r["kernels"], med["jax"], "The step (lambda = 1)") + [""] if "kernels" in r else []),
         f"The whole step under `jax.profiler` (lambda = 1, {ops['wall_ms']:.0f} ms per step while profiled: the "
         "profiler's own cost inflates the wall time): XLA's worker-thread time per step by kind of op, summed over "
         f"the threads (2 threads x wall time = {2 * ops['wall_ms']:.0f} ms available):",

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from sea_jax import aot
-from sea_jax.aot.hlo_flops import loop_aware_flops
+from sea_jax.aot.hlo_flops import loop_aware_flops, matmul_shapes
 
 M, K = 8, 32
 MATMUL = 2 * M * K * K  # one (M, K) @ (K, K)
@@ -102,6 +102,25 @@ def test_conditional_counts_its_largest_branch_and_reports_the_smallest():
     r = loop_aware_flops(_compile(f, ARGS[0], ARGS[1]).as_text())
     assert r["flops"] == 5 * 2 * MATMUL and r["flops_smallest_branches"] == 5 * MATMUL
     assert r["uneven_conditionals"] == 1
+
+
+def test_matmul_shapes_with_their_runs(looped_hlo):
+    # looped: 5 + 4 x 3 + 7 runs of one (M, K) @ (K, K) shape
+    shapes = matmul_shapes(looped_hlo)
+    assert [(d["batch"], d["m"], d["k"], d["n"], d["dtype"], d["runs"]) for d in shapes] == [(1, M, K, K, "f32", 24)]
+    assert sum(d["flops"] for d in shapes) == loop_aware_flops(looped_hlo)["flops"]
+
+    def g(q, k, x, ws):  # a batched attention-like einsum outside a loop, and the conditional scan
+        s = jnp.einsum("bhld,bhsd->bhls", q, k)
+        c = jax.lax.scan(lambda c, w: (jax.lax.cond(jnp.sum(c) > 0, lambda c: jnp.tanh(jnp.tanh(c @ w) @ w),
+                                                    lambda c: jnp.tanh(c @ w), c), None), x, ws)[0]
+        return s, c
+
+    q, k = jnp.ones((2, 3, 5, 4)), jnp.ones((2, 3, 7, 4))
+    got = {(d["batch"], d["m"], d["k"], d["n"]): d["runs"] for d in matmul_shapes(_compile(g, q, k, *ARGS[:2]).as_text())}
+    assert got == {(6, 5, 4, 7): 1, (1, M, K, K): 5 * 2}  # the conditional's larger branch
+    hlo = _compile(g, q, k, *ARGS[:2]).as_text()
+    assert [d["runs"] for d in matmul_shapes(hlo, branches="smallest") if d["m"] == M] == [5]
 
 
 @pytest.mark.parametrize(

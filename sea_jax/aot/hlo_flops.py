@@ -513,4 +513,57 @@ def loop_aware_flops(hlo_text: str) -> dict[str, Any]:
     )
 
 
-__all__ = ["loop_aware_flops"]
+def matmul_shapes(hlo_text: str, branches: str = "largest") -> list[dict[str, Any]]:
+    """Every ``dot`` of an HLO module as a canonical batched matmul, with how often it runs.
+
+    Each dot becomes ``[batch, m, k] x [batch, k, n]`` (batch, contracting and free dimensions
+    multiplied out), and identical ones are merged. ``runs`` is executions per program run: the
+    trip counts of every loop around it multiplied (a loop of unknown trip count counts once), a
+    conditional's most expensive branch only (as ``loop_aware_flops``' ``flops``), or with
+    ``branches="smallest"`` its cheapest (when the caller knows that is the one its data takes:
+    the LM head on target slots instead of its every-position fallback). Returns dicts
+    ``batch, m, k, n, dtype, runs, flops`` (``2 b m k n x runs``), largest ``flops`` first.
+    Convolutions are not matmuls here and are left out. What it is for: timing the program's
+    matmuls alone, kernel by kernel (``benchmarks/machine.py``).
+    """
+    if branches not in ("largest", "smallest"):
+        raise ValueError(f"branches {branches!r}: 'largest' or 'smallest'")
+    pick = max if branches == "largest" else min
+    comps, entry = _parse_hlo(hlo_text)
+    walk = _Walk(comps)
+    found: dict[tuple, int] = {}
+
+    def visit(name: str, mult: int) -> None:
+        comp = comps[name]
+        for ins in comp.instrs.values():
+            if ins.opcode == "dot":
+                lhs = _dims(_operand_type(comp, ins.operands[0]))
+                rhs = _dims(_operand_type(comp, ins.operands[1]))
+                lb, lc = _attr_list(ins.attrs, "lhs_batch_dims"), _attr_list(ins.attrs, "lhs_contracting_dims")
+                rb, rc = _attr_list(ins.attrs, "rhs_batch_dims"), _attr_list(ins.attrs, "rhs_contracting_dims")
+                key = (math.prod(lhs[d] for d in lb), math.prod(v for d, v in enumerate(lhs) if d not in lb + lc),
+                       math.prod(lhs[d] for d in lc), math.prod(v for d, v in enumerate(rhs) if d not in rb + rc),
+                       ins.type.split("[", 1)[0])
+                found[key] = found.get(key, 0) + mult
+            elif ins.opcode == "while":
+                trips = _trip_count(comps, comp, ins)
+                for body in _called(ins.attrs, "body"):
+                    visit(body, mult * (trips if trips is not None else 1))
+            elif ins.opcode == "conditional":
+                branches = [b for b in _called(ins.attrs, "branch_computations") or (
+                    _called(ins.attrs, "true_computation") + _called(ins.attrs, "false_computation")) if b in comps]
+                if branches:
+                    visit(pick(branches, key=lambda b: walk.flops(b).high), mult)
+            else:
+                for key in ("calls", "to_apply"):
+                    for callee in _called(ins.attrs, key):
+                        if callee in comps:
+                            visit(callee, mult)
+
+    visit(entry, 1)
+    out = [dict(batch=b, m=m, k=k, n=n, dtype=dt, runs=r, flops=2.0 * b * m * k * n * r)
+           for (b, m, k, n, dt), r in found.items()]
+    return sorted(out, key=lambda d: -d["flops"])
+
+
+__all__ = ["loop_aware_flops", "matmul_shapes"]
