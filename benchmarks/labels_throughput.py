@@ -282,14 +282,14 @@ def write_report(args, r, argv):
         "Workload per batch (both sides): SigLIP image tower "
         f"({args.image_size} px, patch {args.patch} -> {r['patches']} patches, width {args.width}, "
         f"depth {args.depth}, {args.heads} heads, MLP {args.mlp}), per-patch MAP-head features, cosine "
-        f"against {args.words} words (sea_jax: {args.chunk_size or 'all'} at a time with a running top-n), "
+        f"against {args.words} words (sea_jax: {'at most ' + str(args.chunk_size) if args.chunk_size else 'all'} at a time with a running top-n), "
         f"top-{args.top_n}, `> 0` mask; batch {args.batch}; float32; "
         f"results copied to host numpy. {r['flops_per_batch'] / 1e9:.1f} GFLOP per batch by hand (`labelling_flops`).",
         f"Machine matmul rate, measured in this run (1024^2 float32, best of 20): jax "
         f"{r['matmul_rate_gflops']['jax']:.0f} GFLOP/s, torch {r['matmul_rate_gflops']['torch']:.0f} GFLOP/s; the faster "
         "is the rate in the table.",
         "",
-        *machine.kernel_report(r["kernels"], r["median_s"]["sea_jax"], "The labeller"),
+        *machine.kernel_report(r["kernels"], r["median_s"]["sea_jax"], "The labeller", r["median_s"]["torch"]),
         "",
         f"Labels agree: {100 * r['agreement_identical_ids']:.2f}% identical ids, max |score diff| "
         f"{r['max_abs_score_diff']:.1e}.",
