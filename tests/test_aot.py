@@ -4,6 +4,7 @@ Needs libtpu (the ``test`` extra pins the version jax expects); without it the T
 skip with the reason. Topology mapping, mesh sizing and the memory arithmetic are tested without
 libtpu.
 """
+import dataclasses
 import json
 import subprocess
 import sys
@@ -103,9 +104,40 @@ def test_model_flops_stage2_exceeds_stage1():
 
 
 @pytest.fixture(scope="module")
-def stage1_report():
+def stage1_buckets():
+    """Every bucket of the tiny stage-1 config with a half-length bucket added (the LM head on the
+    target slots there: a different program from the full length's)."""
     _need_libtpu()
-    return aot.compile_config(tiny_config(1), "v4:2x2x1", config_name="tiny1")
+    c = tiny_config(1)
+    c.data.length_buckets = str(c.data.max_length // 2)
+    return aot.compile_buckets(c, "v4:2x2x1", config_name="tiny1")
+
+
+@pytest.fixture(scope="module")
+def stage1_report(stage1_buckets):
+    return stage1_buckets[0]
+
+
+def test_all_buckets_compile_largest_first_with_one_verdict(stage1_buckets):
+    full, half = stage1_buckets
+    assert (full.max_length, half.max_length) == (64, 32)
+    assert half.model_flops < full.model_flops and full.fits and half.fits
+    text = aot.buckets_text(stage1_buckets)
+    assert "bucket     64" in text and "bucket     32" in text and "VERDICT     FITS (every bucket)" in text
+    worst = max(stage1_buckets, key=lambda r: r.total_bytes)
+    assert f"most HBM    bucket {worst.max_length} " in text
+    # One bucket that does not fit makes the verdict for the config
+    text = aot.buckets_text([full, dataclasses.replace(half, fits=False)])
+    assert text.endswith("VERDICT     DOES NOT FIT (bucket 32)")
+
+
+def test_cli_all_buckets_and_length_together_is_a_usage_error(tmp_path):
+    _need_libtpu()
+    cfg = tmp_path / "tiny.py"
+    cfg.write_text("from tests.test_aot import tiny_config\ndef get_config():\n    return tiny_config(1)\n")
+    cmd = [sys.executable, "-m", "sea_jax.aot", f"--config={cfg}", "--all_buckets", "--length=64"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(_repo_root()))
+    assert proc.returncode == 2 and "drop --length" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_tpu_compile_reports_memory(stage1_report):
@@ -137,7 +169,7 @@ def test_compiled_flops_count_every_layer(stage1_report):
 
 def test_each_length_bucket_compiles_and_shorter_needs_less(stage1_report):
     """A config's smaller bucket compiles to a program with less memory and fewer FLOPs than the
-    largest (the default, whose verdict covers every bucket); a length outside the set is refused."""
+    largest (the default) when both run the same LM head; a length outside the set is refused."""
     c = tiny_config(1)
     # 3/4 of the length: the LM head runs on every position at both lengths (at half, the target
     # slots would halve it, a different program: mllm.head_capacity)

@@ -353,8 +353,32 @@ def compile_config(
     )
 
 
+def compile_buckets(
+    config, topology: str | Topology, num_slices: int = 1, hbm_margin_gib: float = 0.5, config_name: str = ""
+) -> list[Report]:
+    """:func:`compile_config` at every sequence length the trainer may compile (the config's
+    buckets, :func:`sea_jax.builder.length_buckets`), largest first. The largest is usually the
+    most memory-hungry, but a bucket whose LM head runs on the target slots holds both of the
+    head's branches; this checks them all."""
+    return [compile_config(config, topology, num_slices, hbm_margin_gib, config_name, length=n)
+            for n in reversed(builder.length_buckets(config))]
+
+
+def buckets_text(reports: list[Report]) -> str:
+    """A summary of :func:`compile_buckets`: one line per bucket, the one needing the most HBM,
+    and a verdict that holds only if every bucket fits."""
+    lines = [f"bucket {r.max_length:6d}  total {r.total_bytes / GIB:6.2f} GiB  temp {r.temp_bytes / GIB:6.2f} GiB  "
+             f"{r.verdict}" for r in reports]
+    worst = max(reports, key=lambda r: r.total_bytes)
+    bad = [r.max_length for r in reports if not r.fits]
+    lines.append(f"most HBM    bucket {worst.max_length} ({worst.total_bytes / GIB:.2f} of {worst.hbm_bytes / GIB:.2f} GiB)")
+    lines.append("VERDICT     FITS (every bucket)" if not bad else
+                 f"VERDICT     DOES NOT FIT (bucket{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))})")
+    return "\n".join(lines)
+
+
 __all__ = [
-    "GIB", "Report", "plan", "compile_config", "model_flops", "memory_totals", "parse_compiler_oom", "shard_bytes",
+    "GIB", "Report", "plan", "compile_config", "compile_buckets", "buckets_text", "model_flops", "memory_totals", "parse_compiler_oom", "shard_bytes",
     "Topology", "TOPOLOGIES", "get_topology", "libtpu_available", "topology_devices", "resolve_mesh_sizes",
     "topology_mesh", "loop_aware_flops",
 ]

@@ -1,10 +1,12 @@
-"""Prove a config fits a TPU slice: ``python -m sea_jax.aot --config=configs/gemma2b.py --topology=v4-32 [--json] [--config.a.b=v ...]``.
+"""Prove a config fits a TPU slice: ``python -m sea_jax.aot --config=configs/gemma2b.py --topology=v4-32 [--json] [--all_buckets] [--config.a.b=v ...]``.
 
 Compiles the real train step of the config (the program ``python -m sea_jax.train`` would run)
 for the slice with the TPU compiler on this host (``libtpu`` installed; no TPU needed) and prints
 the per-chip HBM (arguments, outputs, temporaries, generated code) against the chip's capacity,
-compiled (every loop trip counted) vs analytic FLOPs and a verdict. Exit status 0 when it fits,
-1 when it does not, 2 for a mistake in the config or flags (or no libtpu here).
+compiled (every loop trip counted) vs analytic FLOPs and a verdict. ``--all_buckets`` compiles
+every sequence length the trainer may compile (``data.length_buckets``), reports each and a
+verdict for all of them. Exit status 0 when it fits, 1 when it does not, 2 for a mistake in the
+config or flags (or no libtpu here).
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ flags.DEFINE_integer("num_slices", 1, "slices joined over DCN (the data axis spa
 flags.DEFINE_float("hbm_margin_gib", 0.5, "HBM kept free for the runtime when judging the fit")
 flags.DEFINE_bool("json", False, "print one JSON object instead of the text report")
 flags.DEFINE_integer("length", 0, "sequence length to compile: one of data.length_buckets (0 = data.max_length, "
-                     "the largest and most memory-hungry)")
+                     "the largest and usually the most memory-hungry)")
+flags.DEFINE_bool("all_buckets", False, "compile every bucket of data.length_buckets (largest first); "
+                  "fits only if all do")
 flags.mark_flags_as_required(["config"])
 
 
@@ -34,8 +38,18 @@ def main(argv) -> int:
     ok, why = aot.libtpu_available()
     if not ok:
         cli.fail(f"cannot compile for TPU here: {why}")
-    report = aot.compile_config(_CONFIG.value, f.topology, f.num_slices, f.hbm_margin_gib,
-                                config_name=config_flags.get_config_filename(f["config"]), length=f.length or None)
+    name = config_flags.get_config_filename(f["config"])
+    if f.all_buckets:
+        if f.length:
+            cli.fail("--all_buckets compiles every bucket; drop --length")
+        reports = aot.compile_buckets(_CONFIG.value, f.topology, f.num_slices, f.hbm_margin_gib, config_name=name)
+        if f.json:
+            print(json.dumps({"buckets": [r.to_json() for r in reports], "fits": all(r.fits for r in reports)}))
+        else:
+            print("\n\n".join(r.text() for r in reports) + "\n\n" + aot.buckets_text(reports))
+        return 0 if all(r.fits for r in reports) else 1
+    report = aot.compile_config(_CONFIG.value, f.topology, f.num_slices, f.hbm_margin_gib, config_name=name,
+                                length=f.length or None)
     print(json.dumps(report.to_json()) if f.json else report.text())
     return 0 if report.fits else 1
 
