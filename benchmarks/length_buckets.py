@@ -162,7 +162,14 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "length_buckets.md"))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fractions only, no CPU timing")
+    ap.add_argument("--allow-loaded", action="store_true", help="time (flagged) even if the machine is busy")
     args = ap.parse_args()
+    quiet = None
+    if not args.quick:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import machine
+
+        quiet = machine.check_quiet(args.allow_loaded)
     rng = np.random.default_rng(0)
     cases = {
         # name: (lengths, global batch, the recipes' buckets and group_batches, sea_jax.recipes)
@@ -190,7 +197,7 @@ def main():
         print(f"timing {len(need)} lengths (load average {load:.2f})", flush=True)
         per_len = time_lengths(sorted(need), args.steps)
         timing = {"scale": scale, "step_time_s": per_len, "load_average_before": load,
-                  "load_average_after": os.getloadavg()[0]}
+                  "load_average_after": os.getloadavg()[0], **quiet}
         for r in results.values():
             # a plan's batch of B rows costs B / 8 timed steps (batch 8) at its scaled length
             rows = r["batch"] / 8
@@ -226,7 +233,8 @@ def write(out: str, results: dict, timing: dict | None) -> None:
         lines += ["CPU step time (the SEA step of benchmarks/step_time.py's model, batch 8) per sequence length, "
                   f"lengths scaled by {timing['scale']}: " + ", ".join(f"{k}: {v:.2f} s" for k, v in
                                                                        sorted(timing['step_time_s'].items())) + ".",
-                  f"Load average {timing['load_average_before']:.2f} before, {timing['load_average_after']:.2f} after.",
+                  f"Load average {timing['load_average_before']:.2f} before, {timing['load_average_after']:.2f} after"
+                  + ("." if timing.get("quiet", True) else " **LOADED: not a figure to quote**."),
                   ""]
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:

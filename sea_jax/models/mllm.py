@@ -352,7 +352,12 @@ def lm_loss_sum(
         tc = jnp.take_along_axis(targets, pos, axis=1)
         return _nll_sum(model, llm_params, hc, tc, valid.astype(jnp.float32), chunk)
 
-    return jax.lax.cond(fits, targets_only, every_position), count
+    # The forward cond returns the residuals of both branches, the untaken one's zero-filled: the
+    # every-position head's would be its [b, l, vocab] logits (75 MB per step in
+    # benchmarks/step_time.py, with no chunking). Rematerialised, the rare fallback keeps only its
+    # inputs and recomputes the logits in the backward when it does run.
+    fallback = jax.checkpoint(lambda h, targets, mask: _nll_sum(model, llm_params, h, targets, mask, chunk))
+    return jax.lax.cond(fits, targets_only, lambda: fallback(h, targets, mask)), count
 
 
 def _nll_sum(model, llm_params, h, targets, mask, chunk):
