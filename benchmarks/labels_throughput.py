@@ -289,7 +289,8 @@ def write_report(args, r, argv):
         f"{r['matmul_rate_gflops']['jax']:.0f} GFLOP/s, torch {r['matmul_rate_gflops']['torch']:.0f} GFLOP/s; the faster "
         "is the rate in the table.",
         "",
-        *machine.kernel_report(r["kernels"], r["median_s"]["sea_jax"], "The labeller", r["median_s"]["torch"]),
+        *machine.kernel_report(r["kernels"], r["median_s"]["sea_jax"], "The labeller", r["median_s"]["torch"],
+                               r["matmul_rate_gflops"]["machine"]),
         "",
         f"Labels agree: {100 * r['agreement_identical_ids']:.2f}% identical ids, max |score diff| "
         f"{r['max_abs_score_diff']:.1e}.",

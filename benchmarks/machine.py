@@ -120,9 +120,11 @@ def kernel_times(shapes: list[dict], reps: int = 10) -> dict:
             "gflops": sum(r["flops"] for r in rows) / 1e9, "shapes": rows}
 
 
-def kernel_report(k: dict, program_s: float, what: str, torch_program_s: float | None = None, top: int = 6) -> list[str]:
+def kernel_report(k: dict, program_s: float, what: str, torch_program_s: float | None = None,
+                  machine_rate: float | None = None, top: int = 6) -> list[str]:
     """Markdown lines for a :func:`kernel_times` result next to the program's measured time (and
-    the torch program's, when it does the same matmul work)."""
+    the torch program's, when it does the same matmul work; and the machine's matmul rate in
+    GFLOP/s, to state the ceiling XLA's kernels put on analytic FLOPs / time)."""
     lines = [
         f"{what}'s own matmuls ({len(k['shapes'])} shapes from its compiled HLO, {k['gflops']:.1f} GFLOP), each timed "
         "alone as a float32 `[batch, m, k] @ [batch, k, n]` in each framework (best of 10, its own process):",
@@ -139,6 +141,10 @@ def kernel_report(k: dict, program_s: float, what: str, torch_program_s: float |
         f"- sea_jax's measured {program_s:.3f} s is {program_s / k['jax_s']:.2f}x its matmuls' time at XLA's kernel "
         "speed; the rest is softmax, norms, top-n, data movement and the runtime's idle threads.",
     ]
+    if machine_rate:
+        lines.append(f"- At XLA's kernel speed these matmuls run at {k['gflops'] / k['jax_s'] / machine_rate:.0%} of the "
+                     f"machine's matmul rate ({machine_rate:.0f} GFLOP/s): the ceiling on sea_jax's share of it, before "
+                     "anything around the matmuls.")
     if torch_program_s is not None:
         lines.append(f"- torch's measured {torch_program_s:.3f} s is {torch_program_s / k['torch_s']:.2f}x the same "
                      "matmuls' time at its kernels' speed: what the two programs do around their matmuls compares "

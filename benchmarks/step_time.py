@@ -409,7 +409,8 @@ def write_report(r: dict, out: str) -> None:
         *[f"| {name} | {t:.3f} | {f / 1e9:.1f} | {f / t / 1e9:.0f} | {f / t / (rate['machine'] * 1e9):.0%} |"
           for name, (t, f) in parts.items()],
         "",
-        *(machine.kernel_report(r["kernels"], med["jax"], "The step (lambda = 1)") + [""] if "kernels" in r else []),
+        *(machine.kernel_report(r["kernels"], med["jax"], "The step (lambda = 1)", machine_rate=rate["machine"]) + [""]
+          if "kernels" in r else []),
         f"The whole step under `jax.profiler` (lambda = 1, {ops['wall_ms']:.0f} ms per step while profiled: the "
         "profiler's own cost inflates the wall time): XLA's worker-thread time per step by kind of op, summed over "
         f"the threads (2 threads x wall time = {2 * ops['wall_ms']:.0f} ms available):",
