@@ -184,12 +184,11 @@ NOTES = """
   reason the sequence length did not matter) and kept all 28 SigLIP hidden states (the scan's
   stacked outputs) to read one of them. Scoring 4096 words at a time with a running top-n took it
   to 15.3 GiB; carrying only the layer the adapter reads through the scan to 10.1 GiB. The recipe
-  now runs 4 microbatches of 16 sequences per chip (15.6 GiB; 2 would need 25.1). Largest left:
+  now runs 4 microbatches of 16 sequences per chip (15.5 GiB; 2 would need 25.1). Largest left:
   SigLIP's float32 attention scores for 64 images (2.2 GiB), the logits chunks (256 positions x
   256k vocabulary, float32, with their gradient) and the label chunk's scores and ids.
-  The other rows were compiled before the one-layer change (the stage-2 Gemma, Vicuna-7B and
-  Llama-3 rows before the word-list chunking too, which matters only with on-the-fly labels, i.e.
-  stage 1); each change removes memory and adds none, so their totals are upper bounds.
+  Every row was compiled again after both changes (and after the word top-n moved to blocks and
+  the LM head's fallback was rematerialised: +0.03 GiB at `@800`, otherwise within rounding).
   `python benchmarks/aot_table.py --only NAME` re-measures a row.
 * Compiled / model FLOPs (`gemma2b s1 v4-8`, per chip, TFLOP): the LLM's layers compile to 1559
   against the formula's 1158 (1.35: full remat recomputes each layer's forward in the backward,
