@@ -636,3 +636,46 @@ def test_duplicate_and_missing_field_predictions(root, tmp_path):
     with pytest.raises(EvalInputError, match="question_id 6 is not a 'test' problem"):
         B.score("scienceqa", [{"question_id": "6", "answer": "A"}],
                 f"{root}/scienceqa/problems.json")
+
+
+def test_every_benchmark_reads_and_scores_from_a_bucket(root, tmp_path, gcs, monkeypatch):
+    """The eval folder in a bucket (the local GCS emulator): every benchmark loads the same
+    questions as from the local folder, with its images as gs:// paths (checked by one listing per
+    image folder), and scores the same against the bucket's annotations."""
+    from sea_jax import storage
+
+    monkeypatch.setenv("SEA_JAX_CACHE_DIR", str(tmp_path / "cache"))  # MMBench's TSV: a local copy
+    g = f"gs://{gcs.bucket}/eval_data_{os.getpid()}"
+    storage.copytree(root, g)
+    scored = []
+    for name in sorted(B.BENCHMARKS):
+        local, remote = B.load(name, root), B.load(name, g)
+        assert [(q.question_id, q.text) for q in remote] == [(q.question_id, q.text) for q in local], name
+        for a, b in zip(local, remote):
+            if a.image is None:
+                assert b.image is None
+            elif name == "mmbench":  # decoded from the TSV's cells, next to its local copy
+                assert open(a.image, "rb").read() == open(b.image, "rb").read()
+            else:
+                assert b.image == g + a.image[len(root):].replace(os.sep, "/"), name
+                assert storage.read_bytes(b.image) == open(a.image, "rb").read()
+        try:
+            ann_local, ann_remote = B.get_benchmark(name).default_annotations(root), \
+                B.get_benchmark(name).default_annotations(g)
+        except EvalInputError:
+            continue
+        if not os.path.exists(ann_local):
+            continue  # a test split: the official server scores it
+        preds = str(tmp_path / f"{name}.jsonl")
+        write_llava_answers(preds, local, ["Yes"] * len(local))
+        assert ann_remote.startswith("gs://")
+        bench, rel = B.get_benchmark(name), B.get_benchmark(name).question_file
+        want = bench.score(preds, ann_local, os.path.join(root, rel))
+        assert bench.score(preds, ann_remote, f"{g}/{rel}") == want, name
+        scored.append(name)
+    assert set(scored) == {"pope", "gqa", "textvqa", "vizwiz", "scienceqa", "mmbench", "mme"}
+    # a missing image is named, with its gs:// path
+    img = B.load("pope", root)[0].image
+    storage.remove(g + img[len(root):].replace(os.sep, "/"))
+    with pytest.raises(EvalInputError, match=r"image gs://.*COCO_val2014_000000310196.jpg does not exist"):
+        B.load("pope", g)

@@ -197,12 +197,14 @@ def test_eval_cli_end_to_end(assets, root, tmp_path, gcs):  # noqa: F811
                           f"--data_root={tmp_path}"], cwd=ROOT, env=_env(), capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and "llava_gqa_testdev_balanced.jsonl" in bad.stderr and "Traceback" not in bad.stderr
-    # outputs into a bucket: the files land there, scores.json names their gs:// paths
+    # the eval folder and the outputs in a bucket: the images are read from it, the files land
+    # there, scores.json names their gs:// paths, and the answers are those of the local run
     from sea_jax import storage
 
-    gs_out = f"gs://{gcs.bucket}/eval_out"
+    gs_out, gs_root = f"gs://{gcs.bucket}/eval_out", f"gs://{gcs.bucket}/eval_root"
+    storage.copytree(root, gs_root)
     g = subprocess.run([sys.executable, "-m", "sea_jax.eval", f"--workdir={wd}", "--benchmarks=pope",
-                        f"--data_root={root}", f"--out={gs_out}", "--max_new_tokens=3", "--batch_size=8"],
+                        f"--data_root={gs_root}", f"--out={gs_out}", "--max_new_tokens=3", "--batch_size=8"],
                        cwd=ROOT, env=_env() | gcs.env, capture_output=True, text=True, timeout=600)
     assert g.returncode == 0, g.stderr[-4000:]
     in_bucket = json.loads(storage.read_text(f"{gs_out}/scores.json"))

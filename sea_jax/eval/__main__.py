@@ -15,7 +15,6 @@ Benchmarks: vqav2, gqa, textvqa, vizwiz, scienceqa, pope, mmbench, mmvet, mme.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import flags
@@ -27,7 +26,7 @@ flags.DEFINE_string("hf", "", "an exported HF Llava folder (instead of --workdir
 flags.DEFINE_integer("stage", None, "stage of --workdir (default: the highest trained)")
 flags.DEFINE_integer("step", None, "checkpoint step of --workdir (default: latest)")
 flags.DEFINE_list("benchmarks", [], "comma-separated benchmark names")
-flags.DEFINE_string("data_root", "", "LLaVA-1.5's eval folder (playground/data/eval)")
+flags.DEFINE_string("data_root", "", "LLaVA-1.5's eval folder (playground/data/eval), local or gs://")
 flags.DEFINE_string("out", "", "output folder (default: <workdir>/eval, or ./eval-<hf folder name>)")
 flags.DEFINE_integer("limit", None, "first N questions of each benchmark (a quick look)")
 flags.DEFINE_integer("batch_size", 8, "rows per generation batch (a multiple of the data-parallel devices)")
@@ -61,8 +60,9 @@ def main(argv) -> int:
         raise ConfigError("pass exactly one of --workdir and --hf")
     if not f.benchmarks:
         raise ConfigError("--benchmarks is empty; e.g. --benchmarks=pope,gqa")
-    if not f.data_root or not os.path.isdir(f.data_root):
-        raise PathError(f"--data_root={f.data_root!r} is not a folder (LLaVA-1.5's playground/data/eval)")
+    if not f.data_root or not storage.isdir(f.data_root):
+        raise PathError(f"--data_root={f.data_root!r} is not a folder (LLaVA-1.5's playground/data/eval, local or "
+                        "gs://)")
     annotations = {}
     for item in f.annotations:
         name, sep, path = item.partition("=")

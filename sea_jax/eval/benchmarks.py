@@ -66,14 +66,17 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from sea_jax import storage
 from sea_jax.eval import scoring
 from sea_jax.eval.common import (
     EvalInputError,
+    ImageCheck,
     Question,
     Record,
     check_aligned,
     field,
     is_none_cell,
+    parent,
     read_json,
     read_jsonl,
     read_prediction_records,
@@ -82,6 +85,7 @@ from sea_jax.eval.common import (
     require_dir,
     require_file,
     take,
+    under,
     write_json,
     write_llava_answers,
     write_table,
@@ -98,9 +102,7 @@ Predictions = str | Sequence[Mapping[str, Any]] | Sequence[Record]
 
 
 def _path(data_root: str | None, rel: str) -> str:
-    if os.path.isabs(rel) or data_root is None:
-        return os.path.abspath(rel)
-    return os.path.abspath(os.path.join(data_root, rel))
+    return under(data_root, rel)
 
 
 def _records(predictions: Predictions) -> list[Record]:
@@ -208,13 +210,14 @@ def _load_llava_jsonl(bench: Benchmark, data_root: str, limit: int | None,
     idir = require_dir(_path(data_root, image_dir or bench.image_dir), f"{bench.name} image "
                        "directory")
     out = []
+    exists = ImageCheck()
     for lineno, obj in take(read_jsonl(qpath, f"{bench.name} question file"), limit):
         where = f"{qpath} line {lineno}"
         qid = field(obj, "question_id", where, (int, str))
         image = field(obj, "image", where, str)
         text = field(obj, "text", where, str)
-        image_path = os.path.join(idir, image)
-        if check_images and not os.path.isfile(image_path):
+        image_path = storage.join(idir, image)
+        if check_images and not exists(image_path):
             raise EvalInputError(f"{where}: image {image_path} does not exist")
         meta = {"benchmark": bench.name, "prompt": text, "image_file": image,
                 "category": obj.get("category")}
@@ -437,7 +440,7 @@ class GQA(_JsonlBenchmark):
         else ``gqa/testdev_balanced_questions.json``."""
         for rel in ("gqa/data/testdev_balanced_questions.json",
                     "gqa/testdev_balanced_questions.json"):
-            if os.path.isfile(_path(data_root, rel)):
+            if storage.isfile(_path(data_root, rel)):
                 return _path(data_root, rel)
         return _path(data_root, "gqa/data/testdev_balanced_questions.json")
 
@@ -513,6 +516,7 @@ class ScienceQA(Benchmark):
         if limit is not None and limit < 0:
             raise EvalInputError(f"limit must be >= 0, got {limit}")
         out = []
+        exists = ImageCheck()
         for i, item in enumerate(items):
             if limit is not None and len(out) >= limit:
                 break
@@ -532,8 +536,8 @@ class ScienceQA(Benchmark):
             image_path = None
             if image is not None:
                 require_dir(idir, "scienceqa image directory")
-                image_path = os.path.join(idir, image)
-                if check_images and not os.path.isfile(image_path):
+                image_path = storage.join(idir, image)
+                if check_images and not exists(image_path):
                     raise EvalInputError(f"{where} (id {qid}): image {image_path} does not exist")
             meta = {"benchmark": self.name, "prompt": ("<image>\n" if image else "") + text,
                     "answer": convs[1].get("value") if len(convs) > 1 and isinstance(
@@ -559,8 +563,7 @@ class ScienceQA(Benchmark):
         whose ``problems.json`` entry has an ``image``.
         """
         problems = read_json(annotations, "scienceqa problems")
-        splits_path = os.path.join(os.path.dirname(os.path.abspath(annotations)),
-                                   "pid_splits.json")
+        splits_path = storage.join(parent(annotations), "pid_splits.json")
         splits = read_json(splits_path, "scienceqa pid_splits")
         if not isinstance(problems, Mapping):
             raise EvalInputError(f"scienceqa problems {annotations}: expected a JSON object")
@@ -629,13 +632,13 @@ class POPE(_JsonlBenchmark):
           questions: LLaVA's POPE question file (default: ``llava_pope_test.jsonl`` in the pope
             directory).
         """
-        annotations = os.path.abspath(annotations)
+        annotations = under(None, annotations).rstrip("/")
         require_dir(annotations, "pope annotation directory")
-        label_dir = os.path.join(annotations, "coco")
-        if not os.path.isdir(label_dir):
+        label_dir = storage.join(annotations, "coco")
+        if not storage.isdir(label_dir):
             label_dir = annotations
-            annotations = os.path.dirname(annotations)
-        qpath = require_file(questions or os.path.join(annotations, "llava_pope_test.jsonl"),
+            annotations = parent(annotations)
+        qpath = require_file(questions or storage.join(annotations, "llava_pope_test.jsonl"),
                              "pope question file")
         by_cat: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
         for lineno, obj in read_jsonl(qpath, "pope question file"):
@@ -645,7 +648,7 @@ class POPE(_JsonlBenchmark):
                 (qid, field(obj, "image", where, str), field(obj, "text", where, str)))
         out: dict[str, tuple[str, str]] = {}
         for cat, qs in by_cat.items():
-            lpath = require_file(os.path.join(label_dir, f"coco_pope_{cat}.json"),
+            lpath = require_file(storage.join(label_dir, f"coco_pope_{cat}.json"),
                                  f"pope label file for category {cat!r}")
             lines = read_jsonl(lpath, "pope label file")
             if len(lines) != len(qs):
@@ -818,6 +821,8 @@ class MMBench(Benchmark):
         ``prompt`` (LLaVA's recorded prompt: the text without the final instruction).
         """
         tsv = _path(data_root, question_file or self.question_file)
+        if storage.is_remote(tsv):  # its images are cached next to it: work on a local copy
+            tsv = storage.local_copy(require_file(tsv, "mmbench TSV"))
         rows = self.read_rows(tsv, circular)
         mains: list[int] = []
         for r in rows:
@@ -1092,18 +1097,18 @@ class MME(_JsonlBenchmark):
         ``question<TAB>answer`` lines (in ``questions_answers_YN/`` when it has ``images/``)."""
         require_dir(root, "MME benchmark directory")
         gt = {}
-        for task in sorted(os.listdir(root)):
-            tdir = os.path.join(root, task)
-            if not os.path.isdir(tdir):
+        for task in storage.listdir(root):
+            tdir = storage.join(root, task)
+            if not storage.isdir(tdir):
                 continue
-            qa_dir = (os.path.join(tdir, "questions_answers_YN")
-                      if os.path.isdir(os.path.join(tdir, "images")) else tdir)
+            qa_dir = (storage.join(tdir, "questions_answers_YN")
+                      if storage.isdir(storage.join(tdir, "images")) else tdir)
             require_dir(qa_dir, f"MME {task} question directory")
-            for name in sorted(os.listdir(qa_dir)):
+            for name in storage.listdir(qa_dir):
                 if not name.endswith(".txt"):
                     continue
-                fpath = os.path.join(qa_dir, name)
-                with open(fpath, encoding="utf-8") as f:
+                fpath = storage.join(qa_dir, name)
+                with storage.open(fpath, encoding="utf-8") as f:
                     for lineno, line in enumerate(f, 1):
                         if not line.strip():
                             continue

@@ -109,8 +109,9 @@ class InLoopEval:
         if e.benchmark:
             from sea_jax.eval import benchmarks as bench_lib
 
-            if not e.data_root or not os.path.isdir(e.data_root):
-                raise PathError(f"config.eval.data_root={e.data_root!r} is not a folder (needed by eval.benchmark)")
+            if not e.data_root or not storage.isdir(e.data_root):
+                raise PathError(f"config.eval.data_root={e.data_root!r} is not a folder, local or gs:// (needed by "
+                                "eval.benchmark)")
             self.bench = bench_lib.get_benchmark(e.benchmark)
             self.questions = self.bench.load(e.data_root, int(e.benchmark_samples))
         self._nll = jax.jit(self._nll_fn)

@@ -201,8 +201,8 @@ def _evaluate(answerer, benchmarks, data_root, local_out, out_dir, limit, annota
         answers_file = write_llava_answers(os.path.join(folder, "answers.jsonl"), questions, answers, model.name)
         extra = {}
         full = getattr(bench, "full_test_file", None)  # VQAv2: the server wants every test2015 question
-        if full and os.path.exists(os.path.join(data_root, full)):
-            extra["full_question_file"] = os.path.join(data_root, full)
+        if full and storage.exists(storage.join(data_root, full)):
+            extra["full_question_file"] = storage.join(data_root, full)
         submission = bench.write_submission(os.path.join(folder, bench.submission_name), questions, answers,
                                             model_id=model.name, **extra)
         scores: dict[str, Any] = {"questions": len(questions), "seconds": dt, "answers": final(answers_file),
@@ -215,8 +215,8 @@ def _evaluate(answerer, benchmarks, data_root, local_out, out_dir, limit, annota
                 ann = ann or bench.default_annotations(data_root)
             except bench_lib.EvalInputError as e:
                 ann, why = None, str(e)
-            if ann and os.path.exists(ann):
-                qfile = os.path.join(data_root, bench.question_file) if bench.question_file else None
+            if ann and storage.exists(ann):
+                qfile = storage.join(data_root, bench.question_file) if bench.question_file else None
                 scores.update(scored=True, **bench.score(answers_file, ann, qfile))
             else:
                 scores.update(scored=False, why=why if ann is None else f"no annotations at {ann} "
