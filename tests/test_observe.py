@@ -221,10 +221,11 @@ def test_wandb_offline_files_hold_the_metrics_and_the_id_survives_a_resume(tmp_p
     assert t.wandb.run_id == first_id == (run / "wandb_id.txt").read_text().strip()
     t.log(3, {"loss": 0.5})
     t.close()
-    files = sorted(glob.glob(str(run / "wandb" / "offline-run-*" / f"run-{first_id}.wandb")))
+    files = glob.glob(str(run / "wandb" / "offline-run-*" / f"run-{first_id}.wandb"))
     assert len(files) == 2  # one offline folder per attempt, both of the same run id
-    rows1, run1 = wandb_history(files[0])
-    rows2, run2 = wandb_history(files[1])
+    # In attempt order by their first step: folder names cannot tell. Two attempts in the same
+    # second get "offline-run-<time>-<id>" and "...-<id>-1", and the second sorts first as a path.
+    (rows1, run1), (rows2, run2) = sorted(map(wandb_history, files), key=lambda h: min(h[0]))
     assert run1.run_id == run2.run_id == first_id and run1.project == "proj" and run1.display_name == "arm-a"
     assert rows1[1]["loss"] == 2.5 and rows1[2]["loss"] == 1.5 and "mfu" not in rows1[1]
     # wandb stores a histogram as nested keys: bin counts (summing to the values' count) and edges
