@@ -27,27 +27,7 @@ QUIET_LOAD = 1.5
 
 
 def _rate(kind: str, n: int, reps: int) -> float:
-    if kind == "jax":
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        import jax
-        import jax.numpy as jnp
-
-        a = jnp.ones((n, n), jnp.float32)
-        f = jax.jit(lambda x, y: x @ y)
-        run = lambda: f(a, a).block_until_ready()  # noqa: E731
-    else:
-        import torch
-
-        a = torch.ones((n, n), dtype=torch.float32)
-        run = lambda: a @ a  # noqa: E731
-    for _ in range(3):
-        run()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / _best_times(kind, [(1, n, n, n)], reps)[0] / 1e9
 
 
 def matmul_rate(n: int = 1024, reps: int = 20) -> dict[str, float]:
@@ -62,10 +42,9 @@ def matmul_rate(n: int = 1024, reps: int = 20) -> dict[str, float]:
     return out
 
 
-def _kernel_times(kind: str, path: str, reps: int) -> list[float]:
-    """Best-of-``reps`` seconds of each ``[batch, m, k] @ [batch, k, n]`` float32 matmul in ``path``."""
-    with open(path) as f:
-        shapes = json.load(f)
+def _best_times(kind: str, shapes: list[tuple[int, int, int, int]], reps: int) -> list[float]:
+    """Best-of-``reps`` seconds of each ``[batch, m, k] @ [batch, k, n]`` float32 matmul in
+    ``kind``'s framework ("jax": jitted, "torch": eager)."""
     if kind == "jax":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         import jax
@@ -80,9 +59,9 @@ def _kernel_times(kind: str, path: str, reps: int) -> list[float]:
         make = lambda *s: torch.ones(s, dtype=torch.float32)  # noqa: E731
         call = lambda a, b: a @ b  # noqa: E731
     out = []
-    for d in shapes:
-        a, b = make(d["batch"], d["m"], d["k"]), make(d["batch"], d["k"], d["n"])
-        for _ in range(2):
+    for batch, m, k, n in shapes:
+        a, b = make(batch, m, k), make(batch, k, n)
+        for _ in range(3):
             call(a, b)
         best = float("inf")
         for _ in range(reps):
@@ -91,6 +70,11 @@ def _kernel_times(kind: str, path: str, reps: int) -> list[float]:
             best = min(best, time.perf_counter() - t)
         out.append(best)
     return out
+
+
+def _kernel_times(kind: str, path: str, reps: int) -> list[float]:
+    with open(path) as f:
+        return _best_times(kind, [(d["batch"], d["m"], d["k"], d["n"]) for d in json.load(f)], reps)
 
 
 def kernel_times(shapes: list[dict], reps: int = 10) -> dict:

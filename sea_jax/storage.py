@@ -76,6 +76,13 @@ def join(path: str | os.PathLike, *parts: str) -> str:
     return posixpath.join(p, *parts) if is_remote(p) else os.path.join(p, *parts)
 
 
+def dirname(path: str | os.PathLike) -> str:
+    """The folder holding ``path``: ``gs://bucket/a`` for ``gs://bucket/a/b``, an absolute local
+    path otherwise."""
+    p = os.fspath(path)
+    return p.rstrip("/").rsplit("/", 1)[0] if is_remote(p) else os.path.dirname(os.path.abspath(p))
+
+
 def _gcs():
     """The gcsfs filesystem (fsspec caches the instance; fsspec's config supplies defaults such as
     ``FSSPEC_GCS_TOKEN``). Listings are not cached, so other writers' objects are seen at once."""

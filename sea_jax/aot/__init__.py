@@ -379,7 +379,8 @@ def buckets_text(reports: list[Report]) -> str:
 
 
 __all__ = [
-    "GIB", "Report", "plan", "compile_config", "compile_buckets", "buckets_text", "model_flops", "memory_totals", "parse_compiler_oom", "shard_bytes",
+    "GIB", "Report", "plan", "compile_config", "compile_buckets", "buckets_text", "model_flops", "memory_totals",
+    "parse_compiler_oom", "shard_bytes",
     "Topology", "TOPOLOGIES", "get_topology", "libtpu_available", "topology_devices", "resolve_mesh_sizes",
     "topology_mesh", "loop_aware_flops",
 ]

@@ -194,6 +194,12 @@ def _called(attrs: str, key: str) -> list[str]:
 # FLOPs of one instruction
 
 
+def _branches(attrs: str) -> list[str]:
+    """The branch computations of a ``conditional`` (indexed or true / false form)."""
+    return _called(attrs, "branch_computations") or (
+        _called(attrs, "true_computation") + _called(attrs, "false_computation"))
+
+
 def _operand_type(comp: _Computation, name: str) -> str:
     ins = comp.instrs.get(name)
     return ins.type if ins else ""
@@ -414,9 +420,7 @@ class _Walk:
         if op == "call":
             return self._sum(_called(ins.attrs, "to_apply"))
         if op == "conditional":
-            branches = _called(ins.attrs, "branch_computations") or (
-                _called(ins.attrs, "true_computation") + _called(ins.attrs, "false_computation"))
-            counts = [self.flops(b) for b in branches if b in self.comps]
+            counts = [self.flops(b) for b in _branches(ins.attrs) if b in self.comps]
             if not counts:
                 return _Count()
             if len({c.high for c in counts}) > 1:
@@ -550,8 +554,7 @@ def matmul_shapes(hlo_text: str, branches: str = "largest") -> list[dict[str, An
                 for body in _called(ins.attrs, "body"):
                     visit(body, mult * (trips if trips is not None else 1))
             elif ins.opcode == "conditional":
-                branches = [b for b in _called(ins.attrs, "branch_computations") or (
-                    _called(ins.attrs, "true_computation") + _called(ins.attrs, "false_computation")) if b in comps]
+                branches = [b for b in _branches(ins.attrs) if b in comps]
                 if branches:
                     visit(pick(branches, key=lambda b: walk.flops(b).high), mult)
             else:

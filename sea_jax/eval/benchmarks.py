@@ -76,7 +76,6 @@ from sea_jax.eval.common import (
     check_aligned,
     field,
     is_none_cell,
-    parent,
     read_json,
     read_jsonl,
     read_prediction_records,
@@ -99,10 +98,6 @@ MMBENCH_OPTIONS = ("A", "B", "C", "D")
 MMBENCH_DROPPED_COLUMNS = ("hint", "category", "source", "image", "comment", "l2-category")
 
 Predictions = str | Sequence[Mapping[str, Any]] | Sequence[Record]
-
-
-def _path(data_root: str | None, rel: str) -> str:
-    return under(data_root, rel)
 
 
 def _records(predictions: Predictions) -> list[Record]:
@@ -205,9 +200,9 @@ def _load_llava_jsonl(bench: Benchmark, data_root: str, limit: int | None,
                       check_images: bool) -> list[Question]:
     """LLaVA's ``model_vqa_loader`` question files: ``{"question_id", "image", "text",
     "category"}`` per line; the prompt is ``text`` verbatim."""
-    qpath = require_file(_path(data_root, question_file or bench.question_file),
+    qpath = require_file(under(data_root, question_file or bench.question_file),
                          f"{bench.name} question file")
-    idir = require_dir(_path(data_root, image_dir or bench.image_dir), f"{bench.name} image "
+    idir = require_dir(under(data_root, image_dir or bench.image_dir), f"{bench.name} image "
                        "directory")
     out = []
     exists = ImageCheck()
@@ -278,7 +273,7 @@ class VQAv2(_JsonlBenchmark):
 
     def default_annotations(self, data_root: str) -> str:
         """A VQA-format annotations file (none is public for test-dev; e.g. val2014's)."""
-        return _path(data_root, "vqav2/v2_mscoco_val2014_annotations.json")
+        return under(data_root, "vqav2/v2_mscoco_val2014_annotations.json")
 
     def score(self, predictions: Predictions, annotations: str,
               questions: str | None = None) -> dict[str, Any]:
@@ -358,7 +353,7 @@ class TextVQA(_JsonlBenchmark):
 
     def default_annotations(self, data_root: str) -> str:
         """``textvqa/TextVQA_0.5.1_val.json``."""
-        return _path(data_root, "textvqa/TextVQA_0.5.1_val.json")
+        return under(data_root, "textvqa/TextVQA_0.5.1_val.json")
 
     def score(self, predictions: Predictions, annotations: str,
               questions: str | None = None) -> dict[str, Any]:
@@ -440,9 +435,9 @@ class GQA(_JsonlBenchmark):
         else ``gqa/testdev_balanced_questions.json``."""
         for rel in ("gqa/data/testdev_balanced_questions.json",
                     "gqa/testdev_balanced_questions.json"):
-            if storage.isfile(_path(data_root, rel)):
-                return _path(data_root, rel)
-        return _path(data_root, "gqa/data/testdev_balanced_questions.json")
+            if storage.isfile(under(data_root, rel)):
+                return under(data_root, rel)
+        return under(data_root, "gqa/data/testdev_balanced_questions.json")
 
     def score(self, predictions: Predictions, annotations: str,
               questions: str | None = None) -> dict[str, Any]:
@@ -507,16 +502,16 @@ class ScienceQA(Benchmark):
         ``meta["answer"]`` is the gpt letter. ``image_only`` keeps the IMG subset (applied
         before ``limit``).
         """
-        qpath = require_file(_path(data_root, question_file or self.question_file),
+        qpath = require_file(under(data_root, question_file or self.question_file),
                              "scienceqa question file")
-        idir = _path(data_root, image_dir or self.image_dir)
+        idir = under(data_root, image_dir or self.image_dir)
         items = read_json(qpath, "scienceqa question file")
         if not isinstance(items, list):
             raise EvalInputError(f"scienceqa question file {qpath}: expected a JSON list")
         if limit is not None and limit < 0:
             raise EvalInputError(f"limit must be >= 0, got {limit}")
         out = []
-        exists = ImageCheck()
+        exists, dir_checked = ImageCheck(), False
         for i, item in enumerate(items):
             if limit is not None and len(out) >= limit:
                 break
@@ -535,7 +530,8 @@ class ScienceQA(Benchmark):
             text = qs + "\n" + OPTION_LETTER_PROMPT
             image_path = None
             if image is not None:
-                require_dir(idir, "scienceqa image directory")
+                if not dir_checked:  # once, at the first image question (a request on gs://)
+                    dir_checked = bool(require_dir(idir, "scienceqa image directory"))
                 image_path = storage.join(idir, image)
                 if check_images and not exists(image_path):
                     raise EvalInputError(f"{where} (id {qid}): image {image_path} does not exist")
@@ -551,7 +547,7 @@ class ScienceQA(Benchmark):
 
     def default_annotations(self, data_root: str) -> str:
         """``scienceqa/problems.json`` (``pid_splits.json`` must sit next to it)."""
-        return _path(data_root, "scienceqa/problems.json")
+        return under(data_root, "scienceqa/problems.json")
 
     def score(self, predictions: Predictions, annotations: str,
               questions: str | None = None, split: str = "test") -> dict[str, Any]:
@@ -563,7 +559,7 @@ class ScienceQA(Benchmark):
         whose ``problems.json`` entry has an ``image``.
         """
         problems = read_json(annotations, "scienceqa problems")
-        splits_path = storage.join(parent(annotations), "pid_splits.json")
+        splits_path = storage.join(storage.dirname(annotations), "pid_splits.json")
         splits = read_json(splits_path, "scienceqa pid_splits")
         if not isinstance(problems, Mapping):
             raise EvalInputError(f"scienceqa problems {annotations}: expected a JSON object")
@@ -616,7 +612,7 @@ class POPE(_JsonlBenchmark):
 
     def default_annotations(self, data_root: str) -> str:
         """The ``pope`` directory (``llava_pope_test.jsonl`` and ``coco/coco_pope_*.json``)."""
-        return _path(data_root, "pope")
+        return under(data_root, "pope")
 
     def labels(self, annotations: str, questions: str | None = None) -> dict[str, tuple[str,
                                                                                         str]]:
@@ -637,7 +633,7 @@ class POPE(_JsonlBenchmark):
         label_dir = storage.join(annotations, "coco")
         if not storage.isdir(label_dir):
             label_dir = annotations
-            annotations = parent(annotations)
+            annotations = storage.dirname(annotations)
         qpath = require_file(questions or storage.join(annotations, "llava_pope_test.jsonl"),
                              "pope question file")
         by_cat: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
@@ -820,7 +816,7 @@ class MMBench(Benchmark):
         ``options``, ``answer``, ``category``, ``l2_category``, ``row`` (TSV cells but the image),
         ``prompt`` (LLaVA's recorded prompt: the text without the final instruction).
         """
-        tsv = _path(data_root, question_file or self.question_file)
+        tsv = under(data_root, question_file or self.question_file)
         if storage.is_remote(tsv):  # its images are cached next to it: work on a local copy
             tsv = storage.local_copy(require_file(tsv, "mmbench TSV"))
         rows = self.read_rows(tsv, circular)
@@ -917,7 +913,7 @@ class MMBench(Benchmark):
 
     def default_annotations(self, data_root: str) -> str:
         """The TSV itself."""
-        return _path(data_root, self.question_file)
+        return under(data_root, self.question_file)
 
     def score(self, predictions: Predictions, annotations: str,
               questions: str | None = None) -> dict[str, Any]:
@@ -988,7 +984,7 @@ class VizWiz(_JsonlBenchmark):
 
     def default_annotations(self, data_root: str) -> str:
         """``vizwiz/val.json`` (VizWiz's val annotations; test answers are not public)."""
-        return _path(data_root, "vizwiz/val.json")
+        return under(data_root, "vizwiz/val.json")
 
     def score(self, predictions: Predictions, annotations: str,
               questions: str | None = None) -> dict[str, Any]:
@@ -1088,7 +1084,7 @@ class MME(_JsonlBenchmark):
 
     def default_annotations(self, data_root: str) -> str:
         """``MME/MME_Benchmark_release_version``."""
-        return _path(data_root, "MME/MME_Benchmark_release_version")
+        return under(data_root, "MME/MME_Benchmark_release_version")
 
     @staticmethod
     def ground_truth(root: str) -> dict[tuple[str, str, str], str]:

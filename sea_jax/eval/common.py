@@ -80,13 +80,6 @@ def under(root: str | None, rel: str) -> str:
     return storage.join(root, rel) if storage.is_remote(root) else os.path.abspath(os.path.join(root, rel))
 
 
-def parent(path: str) -> str:
-    """The folder holding ``path`` (local or ``gs://``)."""
-    if storage.is_remote(path):
-        return path.rstrip("/").rsplit("/", 1)[0]
-    return os.path.dirname(os.path.abspath(path))
-
-
 class ImageCheck:
     """Whether image files exist, for a question file's worth of them: one listing per ``gs://``
     folder instead of one request per image (a GQA test split names 12,578)."""
